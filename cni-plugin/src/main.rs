@@ -1,1 +1,152 @@
-fn main() {}
+//! `ferrite`: the CNI plugin binary. Invoked by a runtime with CNI_COMMAND
+//! set it speaks the CNI protocol; invoked by a person it offers a few
+//! subcommands (`ferrite help`).
+
+mod addresses;
+mod commands;
+mod config;
+mod error;
+mod logging;
+mod naming;
+mod netlink;
+mod plugin;
+mod pod;
+mod result;
+mod version;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+
+fn main() -> ExitCode {
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return cni();
+    }
+    match human(std::env::args().skip(1).collect()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferrite: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The CNI protocol: the only thing written to stdout is the result or the
+/// error JSON.
+fn cni() -> ExitCode {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let mut stdin = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+        let err = error::CniError::new(error::Code::Io, "cannot read stdin").with_details(e);
+        return emit(&plugin::Output {
+            stdout: Some(err.to_json(version::LATEST)),
+            exit: 1,
+        });
+    }
+    let out = plugin::dispatch(&env, &stdin, true);
+    emit(&out)
+}
+
+fn emit(out: &plugin::Output) -> ExitCode {
+    if let Some(v) = &out.stdout {
+        let mut stdout = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut stdout, v);
+        let _ = stdout.write_all(b"\n");
+        let _ = stdout.flush();
+    }
+    ExitCode::from(out.exit)
+}
+
+const USAGE: &str = "\
+ferrite: a Kubernetes CNI plugin with an eBPF datapath
+
+Invoked by a container runtime with CNI_COMMAND set, it speaks CNI
+(versions 0.3.0 to 1.1.0). By hand:
+
+  ferrite version                          versions of the plugin and its datapath
+  ferrite datapath load [--bpffs-root D]   load and pin the datapath now
+  ferrite stats [--bpffs-root D]           per-endpoint counters from the pinned maps
+";
+
+fn bpffs_root(args: &[String]) -> anyhow::Result<PathBuf> {
+    match args.iter().position(|a| a == "--bpffs-root") {
+        Some(i) => Ok(PathBuf::from(
+            args.get(i + 1).context("--bpffs-root needs a directory")?,
+        )),
+        None => Ok(PathBuf::from(config::DEFAULT_BPFFS_ROOT)),
+    }
+}
+
+fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match args.first().map(String::as_str) {
+        Some("version") | Some("--version") => {
+            writeln!(
+                out,
+                "ferrite {} (datapath {}), CNI {}",
+                env!("CARGO_PKG_VERSION"),
+                ferrite_datapath::DATAPATH_VERSION,
+                version::SUPPORTED.join(", ")
+            )?;
+        }
+        Some("datapath") if args.get(1).map(String::as_str) == Some("load") => {
+            let root = bpffs_root(&args)?;
+            let (dp, outcome) = ferrite_datapath::Datapath::open_or_load(&root)
+                .with_context(|| format!("loading the datapath under {}", root.display()))?;
+            writeln!(out, "{outcome:?} {}", dp.version_dir().display())?;
+        }
+        Some("stats") => {
+            let root = bpffs_root(&args)?;
+            let Some(dp) = ferrite_datapath::Datapath::open(&root)
+                .with_context(|| format!("opening the datapath under {}", root.display()))?
+            else {
+                bail!("no datapath pinned under {}", root.display());
+            };
+            let mut endpoints = dp.endpoints()?;
+            endpoints.sort_by_key(|(ip, _)| *ip);
+            writeln!(
+                out,
+                "{:<40} {:>8} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}  drops",
+                "endpoint", "ifindex", "from_pod", "from_bytes", "redirected", "redir_bytes", "redir_in", "via_stack"
+            )?;
+            for (ip, ep) in endpoints {
+                let s = dp.stats(ep.ifindex)?;
+                let Some(s) = s else {
+                    writeln!(out, "{ip:<40} {:>8} (no counters)", ep.ifindex)?;
+                    continue;
+                };
+                let drops: Vec<String> = s
+                    .drops
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(r, n)| format!("{r}={n}"))
+                    .collect();
+                writeln!(
+                    out,
+                    "{ip:<40} {:>8} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}  {}",
+                    ep.ifindex,
+                    s.from_pod_packets,
+                    s.from_pod_bytes,
+                    s.redirected_packets,
+                    s.redirected_bytes,
+                    s.redirected_in_packets,
+                    s.to_pod_packets,
+                    if drops.is_empty() { "-".to_string() } else { drops.join(",") }
+                )?;
+            }
+        }
+        Some("help") | Some("--help") | Some("-h") => write!(out, "{USAGE}")?,
+        _ => {
+            eprint!("{USAGE}");
+            eprintln!(
+                "\nCNI protocol versions supported: {}",
+                version::SUPPORTED.join(", ")
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

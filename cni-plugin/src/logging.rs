@@ -1,0 +1,93 @@
+//! Logs go to the configured file; warnings and errors also to stderr.
+//! Never to stdout, which belongs to the result.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::config::LogLevel;
+
+struct Logger {
+    file: Option<Mutex<std::fs::File>>,
+    level: LevelFilter,
+    context: String,
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= self.level || metadata.level() <= Level::Warn
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        if record.level() <= Level::Warn {
+            eprintln!("ferrite: {}: {}", record.level(), record.args());
+        }
+        if record.level() > self.level {
+            return;
+        }
+        if let Some(file) = &self.file {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let line = format!(
+                "{}.{:06} {} [{}] {} {}\n",
+                now.as_secs(),
+                now.subsec_micros(),
+                record.level(),
+                std::process::id(),
+                self.context,
+                record.args()
+            );
+            if let Ok(mut f) = file.lock() {
+                // One write per line, so lines of concurrent plugins never interleave.
+                let _ = f.write_all(line.as_bytes());
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger. A log file that cannot be opened is a warning, not a
+/// failure: the network matters more than the log.
+pub fn init(file: Option<&Path>, level: LogLevel, context: String) {
+    let level = match level {
+        LogLevel::Error => LevelFilter::Error,
+        LogLevel::Warn => LevelFilter::Warn,
+        LogLevel::Info => LevelFilter::Info,
+        LogLevel::Debug => LevelFilter::Debug,
+    };
+    let mut open_error = None;
+    let file = file.and_then(|p| {
+        if let Some(dir) = p.parent() {
+            let _ = DirBuilder::new().recursive(true).mode(0o700).create(dir);
+        }
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(p)
+            .map_err(|e| open_error = Some(format!("cannot open log file {}: {e}", p.display())))
+            .ok()
+            .map(Mutex::new)
+    });
+    let logger = Logger {
+        file,
+        level,
+        context,
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(LevelFilter::Debug.max(level));
+    }
+    if let Some(e) = open_error {
+        log::warn!("{e}");
+    }
+}

@@ -1,0 +1,89 @@
+//! Names and marks ferrite gives to what it creates on the host.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The pod's IPv4 gateway: link-local, never routed, the same in every pod.
+/// The pod holds a permanent neighbour entry for it, so it never ARPs.
+pub const GATEWAY_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1));
+/// The pod's IPv6 gateway, also with a permanent neighbour entry.
+pub const GATEWAY_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
+
+pub fn gateway_for(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv4() {
+        GATEWAY_V4
+    } else {
+        GATEWAY_V6
+    }
+}
+
+/// The host-side veth name for (container id, ifname): "fer" and 12 hex
+/// digits of a stable hash, 15 bytes, the same on every retry.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(ifname.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("fer{:012x}", h >> 16)
+}
+
+/// The alias ferrite puts on every host veth it creates: its mark of
+/// ownership. DEL and GC delete only links that carry it.
+pub fn host_veth_alias(network: &str) -> String {
+    format!("ferrite/{network}")
+}
+
+/// A random unicast, locally administered MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most mac.len() bytes into mac.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        // getrandom cannot fail for 6 bytes once the pool is initialised;
+        // fall back to time and pid rather than fail an ADD.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64
+            ^ u64::from(std::process::id()) << 32;
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("c0ffee", "eth0");
+        assert_eq!(a, host_veth_name("c0ffee", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("fer"));
+        assert_ne!(a, host_veth_name("c0ffee", "eth1"));
+        assert_ne!(a, host_veth_name("c0ffe", "eeth0"));
+    }
+
+    #[test]
+    fn macs_are_local_unicast() {
+        for _ in 0..64 {
+            let m = random_mac();
+            assert_eq!(m[0] & 0x01, 0, "unicast");
+            assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+        }
+        assert_eq!(format_mac(&[2, 0, 0xab, 1, 2, 3]), "02:00:ab:01:02:03");
+    }
+}

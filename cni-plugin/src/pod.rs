@@ -1,0 +1,221 @@
+//! The pod's link: the veth pair, its addresses, routes and neighbours, as
+//! ADD makes them and DEL, CHECK and GC find them.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use crate::error::{CniError, CniResult, Code};
+use crate::naming::{self, gateway_for};
+use crate::netlink::{Link, Netlink, NetlinkError, RouteSpec, VethEnd};
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+pub fn kernel_error(msg: impl Into<String>, e: &NetlinkError) -> CniError {
+    CniError::from_error(Code::Kernel, msg, e)
+}
+
+/// Opens CNI_NETNS and checks that it is a network namespace.
+pub fn open_netns(path: &Path) -> CniResult<File> {
+    let file = File::open(path).map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::NotFound {
+            Code::UnknownContainer
+        } else {
+            Code::InvalidEnvironment
+        };
+        CniError::new(code, format!("cannot open CNI_NETNS {}", path.display())).with_details(e)
+    })?;
+    // SAFETY: fstatfs fills the struct for a valid fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    if rc != 0 || st.f_type as i64 != NSFS_MAGIC {
+        return Err(CniError::new(
+            Code::InvalidEnvironment,
+            format!("CNI_NETNS {} is not a network namespace", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// What ADD made, as the datapath and the result need it.
+pub struct PodLink {
+    pub host: Link,
+    pub pod_index: u32,
+    pub pod_mac: [u8; 6],
+}
+
+/// Creates the veth pair (host side in our namespace, pod side created
+/// directly in the pod's), sets it up, and configures both ends. On error
+/// the host veth, which takes its peer and every route and neighbour with
+/// it, is deleted again.
+pub fn create(
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    netns: &File,
+    host_name: &str,
+    ifname: &str,
+    alias: &str,
+    mtu: u32,
+    ips: &[IpAddr],
+) -> CniResult<PodLink> {
+    let host_mac = naming::random_mac();
+    let pod_mac = naming::random_mac();
+    let host = VethEnd {
+        name: host_name,
+        mtu,
+        mac: host_mac,
+    };
+    let peer = VethEnd {
+        name: ifname,
+        mtu,
+        mac: pod_mac,
+    };
+    if let Err(e) = host_nl.link_add_veth(&host, &peer, netns.as_fd()) {
+        if e.errno() != Some(libc::EEXIST) {
+            return Err(kernel_error("cannot create the veth pair", &e));
+        }
+        // Our name is taken. If it is ours and the pod has no such
+        // interface, it is what a killed ADD left behind: remove it and
+        // try once more. Anything else is not ours to touch.
+        let leftover = host_nl
+            .link_get(host_name)
+            .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
+        match leftover {
+            Some(l) if l.alias.as_deref() == Some(alias) => {
+                host_nl
+                    .link_del(l.index)
+                    .map_err(|e| kernel_error("cannot remove a leftover host veth", &e))?;
+                host_nl
+                    .link_add_veth(&host, &peer, netns.as_fd())
+                    .map_err(|e| kernel_error("cannot create the veth pair", &e))?;
+            }
+            Some(_) => {
+                return Err(CniError::new(
+                    Code::InterfaceExists,
+                    format!("host interface {host_name} exists and was not made by this network"),
+                ))
+            }
+            None => return Err(kernel_error("cannot create the veth pair", &e)),
+        }
+    }
+    let host_link = match host_nl.link_get(host_name) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return Err(CniError::new(
+                Code::Kernel,
+                format!("host veth {host_name} vanished after creation"),
+            ))
+        }
+        Err(e) => return Err(kernel_error("cannot look up the host veth", &e)),
+    };
+    let configured = configure(host_nl, pod_nl, &host_link, ifname, alias, pod_mac, ips);
+    match configured {
+        Ok(pod_index) => Ok(PodLink {
+            host: host_link,
+            pod_index,
+            pod_mac,
+        }),
+        Err(err) => {
+            if let Err(undo) = host_nl.link_del(host_link.index) {
+                log::warn!("rollback: cannot delete {host_name}: {undo}");
+            }
+            Err(err)
+        }
+    }
+}
+
+fn configure(
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    host: &Link,
+    ifname: &str,
+    alias: &str,
+    pod_mac: [u8; 6],
+    ips: &[IpAddr],
+) -> CniResult<u32> {
+    let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
+    host_nl
+        .link_set_up(host.index, Some(alias))
+        .map_err(k("cannot set the host veth up"))?;
+
+    // Pod side: lo up, address, eth0 up, gateway neighbour, default route.
+    pod_nl
+        .link_set_up(1, None)
+        .map_err(k("cannot set lo up in the pod"))?;
+    let pod = pod_nl
+        .link_get(ifname)
+        .map_err(k("cannot look up the pod interface"))?
+        .ok_or_else(|| CniError::new(Code::Kernel, format!("{ifname} missing in the pod")))?;
+    for ip in ips {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        pod_nl
+            .addr_add(pod.index, *ip, len)
+            .map_err(k("cannot add the pod address"))?;
+    }
+    pod_nl
+        .link_set_up(pod.index, None)
+        .map_err(k("cannot set the pod interface up"))?;
+    let mut families: Vec<IpAddr> = Vec::new();
+    for ip in ips {
+        let gw = gateway_for(*ip);
+        if families.contains(&gw) {
+            continue;
+        }
+        families.push(gw);
+        pod_nl
+            .neigh_add_permanent(pod.index, gw, host.mac)
+            .map_err(k("cannot add the gateway neighbour in the pod"))?;
+        let any = if ip.is_ipv4() {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        };
+        pod_nl
+            .route_add(&RouteSpec {
+                destination: any,
+                prefix_len: 0,
+                gateway: Some(gw),
+                oif: pod.index,
+            })
+            .map_err(k("cannot add the default route in the pod"))?;
+    }
+
+    // Host side: a route to each pod address, and its neighbour entry so the
+    // host never has to ARP for the pod.
+    for ip in ips {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        host_nl
+            .route_add(&RouteSpec {
+                destination: *ip,
+                prefix_len: len,
+                gateway: None,
+                oif: host.index,
+            })
+            .map_err(k("cannot add the host route to the pod"))?;
+        host_nl
+            .neigh_add_permanent(host.index, *ip, pod_mac)
+            .map_err(k("cannot add the pod's neighbour entry on the host"))?;
+    }
+    Ok(pod.index)
+}
+
+/// Deletes the host veth `name` if ferrite made it for this network.
+/// Returns the deleted link, or None when there was nothing of ours.
+pub fn delete_host_veth(nl: &mut Netlink, name: &str, alias: &str) -> CniResult<Option<Link>> {
+    let link = nl
+        .link_get(name)
+        .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
+    match link {
+        Some(l) if l.alias.as_deref() == Some(alias) => match nl.link_del(l.index) {
+            Ok(()) => Ok(Some(l)),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(kernel_error("cannot delete the host veth", &e)),
+        },
+        Some(_) => {
+            log::warn!("{name} exists but is not ferrite's for this network: left alone");
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}

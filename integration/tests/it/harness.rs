@@ -1,0 +1,467 @@
+//! A small DSL for privileged tests: a node namespace that stands in for the
+//! host (its IP forwarding is off, as every new namespace's is), pod
+//! namespaces, a private bpffs and state directory, and the real `ferrite`
+//! binary invoked exactly as a runtime invokes it. Everything is removed on
+//! drop, on every path.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Returns false (and says why) when the test cannot run here; under CI a
+/// skip is a failure.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root, and CI=true forbids skipping");
+    }
+    eprintln!("SKIP {test}: needs root");
+    false
+}
+
+pub fn unique(tag: &str) -> String {
+    format!(
+        "fi{}{}{}",
+        std::process::id() % 100_000,
+        tag,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The ferrite binary built by cargo for this workspace.
+pub fn ferrite_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRITE_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("ferrite");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("ferrite binary not built: run `cargo build --release` first");
+}
+
+pub fn sh(cmd: &str) -> Result<String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = unique(tag);
+        sh(&format!("ip netns add {name}"))?;
+        let ns = Self { name };
+        ns.exec("ip link set lo up")?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs a shell command inside the namespace.
+    pub fn exec(&self, cmd: &str) -> Result<String> {
+        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd))
+    }
+
+    pub fn exec_status(&self, cmd: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = File::open(self.path())?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+        })
+    }
+
+    pub fn ping(&self, ip: IpAddr) -> bool {
+        self.exec_status(&format!("busybox ping -c 2 -W 2 {ip}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A temporary directory, removed on drop (after any unmount).
+pub struct TempDir {
+    pub path: PathBuf,
+    mounted: bool,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self {
+            path,
+            mounted: false,
+        })
+    }
+
+    /// A private bpffs instance mounted on a fresh directory.
+    pub fn bpffs(tag: &str) -> Result<Self> {
+        let mut d = Self::new(tag)?;
+        sh(&format!("mount -t bpf bpf {}", d.path.display()))?;
+        d.mounted = true;
+        Ok(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.path).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The result of one plugin invocation.
+#[derive(Debug)]
+pub struct Invocation {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Invocation {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!("stdout is not one JSON document ({e}): {:?}", self.stdout)
+        })
+    }
+
+    /// The CNI error code, panicking if the call succeeded.
+    pub fn code(&self) -> u64 {
+        assert!(!self.ok, "expected failure, got {}", self.stdout);
+        self.json()["code"].as_u64().expect("error has a code")
+    }
+
+    pub fn expect_ok(&self) -> &Self {
+        assert!(self.ok, "plugin failed: {} {}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// One ferrite network on one simulated node.
+pub struct Node {
+    pub ns: Netns,
+    pub bpffs: TempDir,
+    pub state: TempDir,
+    pub name: String,
+    pub subnet: String,
+    pub extra: Value,
+}
+
+impl Node {
+    pub fn new(subnet: &str) -> Result<Self> {
+        let ns = Netns::new("n")?;
+        Ok(Self {
+            ns,
+            bpffs: TempDir::bpffs("b")?,
+            state: TempDir::new("s")?,
+            name: unique("net"),
+            subnet: subnet.to_string(),
+            extra: json!({}),
+        })
+    }
+
+    /// The plugin's configuration, for a given cniVersion.
+    pub fn conf(&self, version: &str) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": self.name,
+            "type": "ferrite",
+            "mtu": 1500,
+            "ipam": { "ranges": [[{ "subnet": self.subnet }]] },
+            "bpffsRoot": self.bpffs.path.join("ferrite"),
+            "stateDir": self.state.path,
+            "logFile": self.state.path.join("cni.log"),
+            "logLevel": "debug",
+        });
+        if let Value::Object(extra) = &self.extra {
+            for (k, v) in extra {
+                c[k] = v.clone();
+            }
+        }
+        c
+    }
+
+    /// Invokes the binary inside the node namespace, exactly as a runtime would.
+    pub fn invoke(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        stdin: &Value,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Invocation> {
+        self.invoke_raw(
+            command,
+            container_id,
+            netns,
+            ifname,
+            serde_json::to_vec(stdin)?.as_slice(),
+            extra_env,
+        )
+    }
+
+    pub fn invoke_raw(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        stdin: &[u8],
+        extra_env: &[(&str, &str)],
+    ) -> Result<Invocation> {
+        let node = File::open(self.ns.path())?;
+        let fd = node.as_raw_fd();
+        let mut cmd = Command::new(ferrite_bin());
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_NETNS", netns.map(|p| p.display().to_string()).unwrap_or_default())
+            .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe setns between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("spawning ferrite")?;
+        child.stdin.take().unwrap().write_all(stdin)?;
+        let out: Output = child.wait_with_output()?;
+        Ok(Invocation {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// ADD a pod in a fresh namespace; returns the pod and its result.
+    pub fn add_pod(&self, version: &str) -> Result<Pod<'_>> {
+        let ns = Netns::new("p")?;
+        let id = unique("c");
+        let inv = self.invoke("ADD", &id, Some(&ns.path()), "eth0", &self.conf(version), &[])?;
+        if !inv.ok {
+            bail!("ADD failed: {} {}", inv.stdout, inv.stderr);
+        }
+        let result = inv.json();
+        Ok(Pod {
+            node: self,
+            ns,
+            id,
+            result,
+            version: version.to_string(),
+            deleted: false,
+        })
+    }
+
+    /// Host-side links in the node namespace (name list).
+    pub fn links(&self) -> Result<Vec<String>> {
+        let out = self.ns.exec("ip -o link show")?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect())
+    }
+
+    /// The IPAM state file's allocation lines.
+    pub fn allocations(&self) -> Vec<String> {
+        let p = self.state.path.join("ipam").join(&self.name).join("allocations");
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.split_whitespace().count() == 3 && l.parse::<IpAddr>().is_err())
+            .filter(|l| l.split_whitespace().next().is_some_and(|w| w.parse::<IpAddr>().is_ok()))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// `ferrite stats` for this node's bpffs.
+    pub fn stats(&self) -> Result<String> {
+        let out = Command::new(ferrite_bin())
+            .args(["stats", "--bpffs-root"])
+            .arg(self.bpffs.path.join("ferrite"))
+            .output()?;
+        if !out.status.success() {
+            bail!("stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A pod made by ADD; DEL on drop unless the test already did it.
+pub struct Pod<'a> {
+    pub node: &'a Node,
+    pub ns: Netns,
+    pub id: String,
+    pub result: Value,
+    pub version: String,
+    pub deleted: bool,
+}
+
+impl Pod<'_> {
+    pub fn ip(&self) -> IpAddr {
+        let a = self.result["ips"][0]["address"].as_str().unwrap();
+        a.split('/').next().unwrap().parse().unwrap()
+    }
+
+    pub fn host_veth(&self) -> String {
+        self.result["interfaces"][0]["name"].as_str().unwrap().to_string()
+    }
+
+    pub fn conf_with_prev(&self) -> Value {
+        let mut c = self.node.conf(&self.version);
+        c["prevResult"] = self.result.clone();
+        c
+    }
+
+    pub fn del(&mut self) -> Result<Invocation> {
+        let c = self.conf_with_prev();
+        let inv = self
+            .node
+            .invoke("DEL", &self.id, Some(&self.ns.path()), "eth0", &c, &[])?;
+        if inv.ok {
+            self.deleted = true;
+        }
+        Ok(inv)
+    }
+
+    pub fn check(&self) -> Result<Invocation> {
+        self.node.invoke(
+            "CHECK",
+            &self.id,
+            Some(&self.ns.path()),
+            "eth0",
+            &self.conf_with_prev(),
+            &[],
+        )
+    }
+}
+
+impl Drop for Pod<'_> {
+    fn drop(&mut self) {
+        if !self.deleted {
+            let _ = self.del();
+        }
+    }
+}
+
+/// Moves `bytes` over TCP from `client` to a server in `server`, and the
+/// same amount back; returns the bytes echoed.
+pub fn tcp_echo(server: &Netns, server_ip: IpAddr, client: &Netns, bytes: usize) -> Result<usize> {
+    let listener = server.run(|| TcpListener::bind(SocketAddr::new(server_ip, 0)))??;
+    let port = listener.local_addr()?.port();
+    std::thread::scope(|s| {
+        let srv = s.spawn(move || -> Result<()> {
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            while total < bytes {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                conn.write_all(&buf[..n])?;
+                total += n;
+            }
+            Ok(())
+        });
+        let stream = client.run(|| {
+            TcpStream::connect_timeout(&SocketAddr::new(server_ip, port), Duration::from_secs(5))
+        })??;
+        let mut reader = stream.try_clone()?;
+        reader.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let writer = s.spawn(move || -> Result<()> {
+            let mut stream = stream;
+            let chunk = vec![0x5au8; 64 * 1024];
+            let mut sent = 0;
+            while sent < bytes {
+                let n = chunk.len().min(bytes - sent);
+                stream.write_all(&chunk[..n])?;
+                sent += n;
+            }
+            Ok(())
+        });
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < bytes {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|b| *b != 0x5a) {
+                bail!("corrupted echo");
+            }
+            got += n;
+        }
+        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+        Ok(got)
+    })
+}

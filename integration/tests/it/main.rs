@@ -1,0 +1,6 @@
+//! ferrite's privileged tests: one binary, a module per area.
+//! Each test skips with a reason when not root, and fails instead under CI=true.
+
+mod cni;
+mod harness;
+mod traffic;
