@@ -1,1 +1,253 @@
-//! placeholder
+//! ferrite's eBPF datapath: the C programs in `bpf/` (compiled by build.rs and
+//! embedded), loading and pinning them once per node, opening the pins on
+//! every later call, attaching to host veths, and the endpoint and stats maps.
+//!
+//! Pins live under `<bpffs_root>/<DATAPATH_VERSION>/` (see [`pin`] for the
+//! layout): a new binary brings its own programs and maps while pods attached
+//! by an older one keep theirs.
+
+mod drop_reason;
+mod error;
+mod load;
+mod maps;
+pub mod pin;
+mod sys;
+mod tc;
+mod types;
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+pub use drop_reason::{DropReason, DROP_REASON_SLOTS};
+pub use error::{DatapathError, LoadError, MapError, PinError, TcError};
+pub use sys::{SysError, TestRun};
+pub use tc::{Attachment, TC_HANDLE, TC_PRIORITY};
+pub use types::{Endpoint, EndpointStats};
+
+use maps::Maps;
+
+/// Hash of the embedded objects: names the pin directory of this build.
+pub const DATAPATH_VERSION: &str = env!("FERRITE_DATAPATH_VERSION");
+
+/// `TC_ACT_OK`: hand the packet to the stack.
+pub const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_SHOT`: drop.
+pub const TC_ACT_SHOT: i32 = 2;
+/// `TC_ACT_REDIRECT`: `bpf_redirect_peer` took the packet.
+pub const TC_ACT_REDIRECT: i32 = 7;
+
+/// Whether [`Datapath::open_or_load`] found the pins or made them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// Another process (or an earlier call) had loaded this version.
+    Opened,
+    /// This call loaded and pinned it.
+    Loaded,
+}
+
+/// One of ferrite's programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// tc ingress of the host veth: packets leaving the pod.
+    FromPod,
+    /// tc egress of the host veth: packets the host stack delivers to the pod.
+    ToPod,
+}
+
+/// Handles to the pinned programs and maps of one datapath version.
+#[derive(Debug)]
+pub struct Datapath {
+    version_dir: PathBuf,
+    from_pod: OwnedFd,
+    to_pod: OwnedFd,
+    maps: Maps,
+}
+
+impl Datapath {
+    /// Opens this version's pins, loading and pinning the embedded objects
+    /// first if nobody has.
+    ///
+    /// The fast path only opens pins (no ELF, no vmlinux BTF). The slow path
+    /// checks that `bpffs_root` is on a bpf filesystem (creating it 0700 if
+    /// its parent is), takes an exclusive `flock` on the `bpffs_root`
+    /// directory, checks again, removes work directories of dead loaders,
+    /// loads into `<root>/tmp-<version>-<pid>` and renames that to
+    /// `<root>/<version>`. Concurrent first callers load exactly once.
+    pub fn open_or_load(bpffs_root: &Path) -> Result<(Datapath, LoadOutcome), DatapathError> {
+        if let Some(dp) = Self::open(bpffs_root)? {
+            return Ok((dp, LoadOutcome::Opened));
+        }
+        pin::ensure_bpffs_dir(bpffs_root)?;
+        let lock = pin::lock_root(bpffs_root)?;
+        if let Some(dp) = Self::open(bpffs_root)? {
+            return Ok((dp, LoadOutcome::Opened));
+        }
+        pin::remove_stale_tmp_dirs(bpffs_root)?;
+        let tmp = pin::tmp_dir(bpffs_root, DATAPATH_VERSION, std::process::id());
+        pin::create_private_dir(&tmp)?;
+        let published = load::load_and_pin(&tmp)
+            .map_err(DatapathError::from)
+            .and_then(|()| Ok(pin::publish(&tmp, &bpffs_root.join(DATAPATH_VERSION))?));
+        if let Err(error) = published {
+            return Err(match pin::remove_dir_all(&tmp) {
+                Ok(()) => error,
+                Err(PinError::Io { source, .. }) => DatapathError::Rollback {
+                    error: Box::new(error),
+                    path: tmp,
+                    rollback: source,
+                },
+                Err(other) => DatapathError::Rollback {
+                    error: Box::new(error),
+                    path: tmp,
+                    rollback: std::io::Error::other(other.to_string()),
+                },
+            });
+        }
+        drop(lock);
+        let dp = Self::open(bpffs_root)?.ok_or_else(|| {
+            DatapathError::from(PinError::Io {
+                call: "open",
+                path: bpffs_root.join(DATAPATH_VERSION),
+                source: std::io::ErrorKind::NotFound.into(),
+            })
+        })?;
+        Ok((dp, LoadOutcome::Loaded))
+    }
+
+    /// Opens this version's pins; `None` if this version is not loaded.
+    pub fn open(bpffs_root: &Path) -> Result<Option<Datapath>, DatapathError> {
+        let version_dir = bpffs_root.join(DATAPATH_VERSION);
+        // A version directory appears complete (rename), so the first pin
+        // tells whether it exists.
+        let Some(endpoints) = pin::open_pin(&version_dir.join(pin::ENDPOINTS_MAP))? else {
+            return Ok(None);
+        };
+        let must = |name: &str| -> Result<OwnedFd, DatapathError> {
+            let path = version_dir.join(name);
+            pin::open_pin(&path)?.ok_or_else(|| {
+                PinError::Io {
+                    call: "BPF_OBJ_GET",
+                    path,
+                    source: std::io::ErrorKind::NotFound.into(),
+                }
+                .into()
+            })
+        };
+        Ok(Some(Datapath {
+            from_pod: must(pin::FROM_POD)?,
+            to_pod: must(pin::TO_POD)?,
+            maps: Maps {
+                endpoints,
+                ifaces: must(pin::IFACES_MAP)?,
+                stats: must(pin::STATS_MAP)?,
+                stackflow: must(pin::STACKFLOW_MAP)?,
+            },
+            version_dir,
+        }))
+    }
+
+    /// `<bpffs_root>/<DATAPATH_VERSION>`.
+    pub fn version_dir(&self) -> &Path {
+        &self.version_dir
+    }
+
+    fn program(&self, program: Program) -> &OwnedFd {
+        match program {
+            Program::FromPod => &self.from_pod,
+            Program::ToPod => &self.to_pod,
+        }
+    }
+
+    /// Adds a clsact qdisc to the host veth `ifindex` (if absent) and
+    /// ferrite's direct-action filters: `from_pod` at ingress, `to_pod` at
+    /// egress. Repeating it replaces only ferrite's filters.
+    pub fn attach(&self, ifindex: u32) -> Result<(), DatapathError> {
+        Ok(tc::attach(
+            ifindex,
+            self.from_pod.as_fd(),
+            self.to_pod.as_fd(),
+        )?)
+    }
+
+    /// Whether the veth's ingress and egress run this version's programs.
+    pub fn attachment(&self, ifindex: u32) -> Result<Attachment, DatapathError> {
+        let id = |program| {
+            sys::prog_id(self.program(program).as_fd()).map_err(|source| PinError::ObjGet {
+                path: self.version_dir.join(match program {
+                    Program::FromPod => pin::FROM_POD,
+                    Program::ToPod => pin::TO_POD,
+                }),
+                source,
+            })
+        };
+        Ok(tc::attachment(
+            ifindex,
+            id(Program::FromPod)?,
+            id(Program::ToPod)?,
+        )?)
+    }
+
+    /// Adds or updates the endpoint for `ip`, with its (zeroed, or kept if
+    /// present) stats entry and its interface entry.
+    pub fn upsert_endpoint(&self, ip: IpAddr, ep: &Endpoint) -> Result<(), DatapathError> {
+        Ok(self.maps.upsert_endpoint(ip, ep)?)
+    }
+
+    /// Removes `ip` (if it still belongs to `ifindex`) and the veth's stats
+    /// and interface entries. Idempotent.
+    pub fn remove_endpoint(&self, ip: IpAddr, ifindex: u32) -> Result<(), DatapathError> {
+        Ok(self.maps.remove_endpoint(ip, ifindex)?)
+    }
+
+    pub fn endpoint(&self, ip: IpAddr) -> Result<Option<Endpoint>, DatapathError> {
+        Ok(self.maps.endpoint(ip)?)
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(IpAddr, Endpoint)>, DatapathError> {
+        Ok(self.maps.endpoints()?)
+    }
+
+    /// The counters of the host veth `ifindex`, summed over CPUs.
+    pub fn stats(&self, ifindex: u32) -> Result<Option<EndpointStats>, DatapathError> {
+        Ok(self.maps.stats(ifindex)?)
+    }
+
+    /// How many flows the host stack delivered are remembered (`ferrite_stkflow`).
+    pub fn stack_flows(&self) -> Result<usize, DatapathError> {
+        Ok(self.maps.stack_flows()?)
+    }
+
+    /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN`, as if it
+    /// arrived on `ifindex` (1, the netns's loopback, or an existing device).
+    /// For tests and self-checks; map effects are real.
+    pub fn test_run(
+        &self,
+        program: Program,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<TestRun, DatapathError> {
+        sys::prog_test_run(self.program(program).as_fd(), packet, ifindex).map_err(|source| {
+            DatapathError::from(MapError::Syscall {
+                map: match program {
+                    Program::FromPod => pin::FROM_POD,
+                    Program::ToPod => pin::TO_POD,
+                },
+                source,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_is_a_hash() {
+        assert_eq!(DATAPATH_VERSION.len(), 16);
+        assert!(DATAPATH_VERSION.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

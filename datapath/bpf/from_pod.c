@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * from_pod: tc ingress of the host veth: packets leaving the pod.
+ *
+ * Drops anything whose source IP or MAC is not the pod's own, redirects
+ * packets for another pod on this node straight into it (bpf_redirect_peer),
+ * and hands everything else to the host stack.
+ */
+#include <stddef.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+
+#include "lib/common.h"
+#include "lib/flow.h"
+#include "lib/stats.h"
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+/* linux/if_arp.h needs libc headers; this is the Ethernet/IPv4 ARP body. */
+#define ARPHRD_ETHER 1
+
+struct arp_eth {
+	__be16 ar_hrd;
+	__be16 ar_pro;
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+	__u8 sha[ETH_ALEN];
+	__u8 sip[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tip[4];
+} __attribute__((packed));
+_Static_assert(sizeof(struct arp_eth) == 28, "arp_eth size");
+
+/* The sender of an ARP packet must be the pod itself, on its own veth. */
+static __always_inline int handle_arp(struct ethhdr *eth, void *data_end,
+				      __u32 ifindex)
+{
+	struct arp_eth *arp = (void *)(eth + 1);
+	struct endpoint *ep;
+	union v6addr sip;
+	__be32 ip;
+
+	if ((void *)(arp + 1) > data_end)
+		return DROP_MALFORMED;
+	if (arp->ar_hrd != bpf_htons(ARPHRD_ETHER) ||
+	    arp->ar_pro != bpf_htons(ETH_P_IP) || arp->ar_hln != ETH_ALEN ||
+	    arp->ar_pln != 4)
+		return DROP_MALFORMED;
+
+	__builtin_memcpy(&ip, arp->sip, sizeof(ip));
+	v4_mapped(&sip, ip);
+	ep = bpf_map_lookup_elem(&ferrite_endpts, &sip);
+	if (!ep || ep->ifindex != ifindex || !mac_eq(ep->pod_mac, arp->sha) ||
+	    !mac_eq(ep->pod_mac, eth->h_source))
+		return DROP_ARP_SPOOF;
+	return TC_ACT_OK;
+}
+
+/* Source IP must belong to this veth's endpoint, source MAC to its pod. */
+static __always_inline int check_source(const union v6addr *saddr,
+					const __u8 *smac, __u32 ifindex)
+{
+	struct endpoint *ep = bpf_map_lookup_elem(&ferrite_endpts, saddr);
+
+	if (!ep || ep->ifindex != ifindex)
+		return DROP_SPOOFED_IP;
+	if (!mac_eq(ep->pod_mac, smac))
+		return DROP_SPOOFED_MAC;
+	return 0;
+}
+
+/*
+ * The destination endpoint if @key may take the fast path: a pod on this
+ * node behind another veth, and not a flow the host stack delivered.
+ */
+static __always_inline struct endpoint *fast_path_target(struct flow_key *key,
+							 __u32 ifindex)
+{
+	struct endpoint *dst = bpf_map_lookup_elem(&ferrite_endpts, &key->daddr);
+
+	if (!dst || dst->ifindex == ifindex)
+		return NULL;
+	if (bpf_map_lookup_elem(&ferrite_stkflow, key))
+		return NULL;
+	return dst;
+}
+
+static __always_inline int redirect_to(struct __sk_buff *skb,
+				       struct endpoint_stats *st,
+				       const struct endpoint *dst)
+{
+	struct endpoint_stats *dst_st = stats_of(dst->ifindex);
+
+	if (st) {
+		st->redirected_packets++;
+		st->redirected_bytes += skb->len;
+	}
+	if (dst_st) {
+		dst_st->redirected_in_packets++;
+		dst_st->redirected_in_bytes += skb->len;
+	}
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+static __always_inline int handle_ipv4(struct __sk_buff *skb,
+				       struct endpoint_stats *st, __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct flow_key key;
+	struct endpoint *dst;
+	__be16 old_word, new_word;
+	__u32 hlen;
+	int ret;
+
+	if ((void *)(ip + 1) > data_end)
+		return DROP_MALFORMED;
+	hlen = (ip->ihl & 0xf) * 4;
+	if (ip->version != 4 || hlen < sizeof(*ip))
+		return DROP_MALFORMED;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	v4_mapped(&key.saddr, ip->saddr);
+	v4_mapped(&key.daddr, ip->daddr);
+	key.proto = ip->protocol;
+
+	ret = check_source(&key.saddr, eth->h_source, ifindex);
+	if (ret < 0)
+		return ret;
+
+	/* Fragments carry no ports to match flows on: the stack reassembles. */
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return TC_ACT_OK;
+	ret = flow_ports(&key, (void *)ip + hlen, data_end);
+	if (ret < 0)
+		return ret;
+
+	/* TTL 1 goes to the stack, which answers with ICMP time exceeded. */
+	if (ip->ttl <= 1)
+		return TC_ACT_OK;
+	dst = fast_path_target(&key, ifindex);
+	if (!dst)
+		return TC_ACT_OK;
+
+	mac_copy(eth->h_dest, dst->pod_mac);
+	mac_copy(eth->h_source, dst->host_mac);
+	__builtin_memcpy(&old_word, &ip->ttl, sizeof(old_word));
+	ip->ttl--;
+	__builtin_memcpy(&new_word, &ip->ttl, sizeof(new_word));
+	/* Invalidates packet pointers: nothing reads the packet after this. */
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check),
+				old_word, new_word, sizeof(new_word)) < 0)
+		return DROP_CSUM_ERR;
+
+	return redirect_to(skb, st, dst);
+}
+
+static __always_inline int is_link_local_or_unspec(const union v6addr *a)
+{
+	if (a->b[0] == 0xfe && (a->b[1] & 0xc0) == 0x80)
+		return 1;
+	return (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0;
+}
+
+static __always_inline int is_neighbour_discovery(__u8 type)
+{
+	return type >= NDISC_ROUTER_SOLICITATION && type <= NDISC_REDIRECT;
+}
+
+static __always_inline int handle_ipv6(struct __sk_buff *skb,
+				       struct endpoint_stats *st, __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct flow_key key;
+	struct endpoint *dst;
+	int ret;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return DROP_MALFORMED;
+	if (ip6->version != 6)
+		return DROP_MALFORMED;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	__builtin_memcpy(&key.saddr, &ip6->saddr, sizeof(key.saddr));
+	__builtin_memcpy(&key.daddr, &ip6->daddr, sizeof(key.daddr));
+	key.proto = ip6->nexthdr;
+
+	if (is_link_local_or_unspec(&key.saddr)) {
+		/*
+		 * DAD, NDP, MLD: not one of the pod's addresses, so check
+		 * the MAC against the endpoint that owns this veth. Such
+		 * packets never leave the link, so the stack gets them.
+		 */
+		struct iface *ifc = bpf_map_lookup_elem(&ferrite_ifaces, &ifindex);
+
+		if (!ifc)
+			return DROP_NO_ENDPOINT;
+		if (!mac_eq(ifc->pod_mac, eth->h_source))
+			return DROP_SPOOFED_MAC;
+		return TC_ACT_OK;
+	}
+
+	ret = check_source(&key.saddr, eth->h_source, ifindex);
+	if (ret < 0)
+		return ret;
+
+	/*
+	 * Extension headers are not walked: their flows use ports 0 on both
+	 * sides; fragments go to the stack, which reassembles.
+	 */
+	if (key.proto == IPPROTO_FRAGMENT)
+		return TC_ACT_OK;
+	ret = flow_ports(&key, ip6 + 1, data_end);
+	if (ret < 0)
+		return ret;
+	if (key.proto == IPPROTO_ICMPV6) {
+		struct icmp_echo *icmp6 = (void *)(ip6 + 1);
+
+		/* flow_ports checked the bounds; re-check for the verifier. */
+		if ((void *)(icmp6 + 1) > data_end)
+			return DROP_MALFORMED;
+		if (is_neighbour_discovery(icmp6->type))
+			return TC_ACT_OK;
+	}
+
+	if (ip6->hop_limit <= 1)
+		return TC_ACT_OK;
+	dst = fast_path_target(&key, ifindex);
+	if (!dst)
+		return TC_ACT_OK;
+
+	mac_copy(eth->h_dest, dst->pod_mac);
+	mac_copy(eth->h_source, dst->host_mac);
+	ip6->hop_limit--;
+
+	return redirect_to(skb, st, dst);
+}
+
+static __always_inline int handle(struct __sk_buff *skb,
+				  struct endpoint_stats *st, __u32 ifindex)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+
+	pull_headers(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return DROP_MALFORMED;
+
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_ARP):
+		return handle_arp(eth, data_end, ifindex);
+	case bpf_htons(ETH_P_IP):
+		return handle_ipv4(skb, st, ifindex);
+	case bpf_htons(ETH_P_IPV6):
+		return handle_ipv6(skb, st, ifindex);
+	default:
+		return DROP_UNSUPPORTED_L3;
+	}
+}
+
+SEC("classifier")
+int from_pod(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_stats *st = stats_of(ifindex);
+	int ret;
+
+	if (st) {
+		st->from_pod_packets++;
+		st->from_pod_bytes += skb->len;
+	}
+
+	ret = handle(skb, st, ifindex);
+	if (ret < 0) {
+		count_drop(st, ret);
+		return TC_ACT_SHOT;
+	}
+	return ret;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,219 @@
+//! The pinned maps, as user space reads and writes them.
+
+use std::{
+    fs, io,
+    net::IpAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::OnceLock,
+};
+
+use thiserror::Error;
+
+use crate::{
+    sys::{self, SysError, BPF_ANY, BPF_NOEXIST},
+    types::{
+        ip_from_key, ip_key, Endpoint, EndpointStats, Pod, RawEndpoint, RawFlowKey, RawIface,
+        RawStats,
+    },
+};
+
+const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
+
+#[derive(Debug, Error)]
+pub enum MapError {
+    #[error("map {map}: {source}")]
+    Syscall {
+        map: &'static str,
+        #[source]
+        source: SysError,
+    },
+    #[error("reading {POSSIBLE_CPUS}: {source}")]
+    PossibleCpus {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Handles to the maps of one datapath version.
+#[derive(Debug)]
+pub(crate) struct Maps {
+    pub endpoints: OwnedFd,
+    pub ifaces: OwnedFd,
+    pub stats: OwnedFd,
+    pub stackflow: OwnedFd,
+}
+
+fn on(map: &'static str) -> impl FnOnce(SysError) -> MapError {
+    move |source| MapError::Syscall { map, source }
+}
+
+/// How many per-CPU values the kernel copies for a per-CPU map.
+fn possible_cpus() -> Result<usize, MapError> {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    if let Some(n) = CPUS.get() {
+        return Ok(*n);
+    }
+    let text =
+        fs::read_to_string(POSSIBLE_CPUS).map_err(|source| MapError::PossibleCpus { source })?;
+    let n = parse_cpu_list(&text).ok_or_else(|| MapError::PossibleCpus {
+        source: io::Error::new(io::ErrorKind::InvalidData, format!("bad cpu list {text:?}")),
+    })?;
+    Ok(*CPUS.get_or_init(|| n))
+}
+
+/// Counts the CPUs in a list like `0-3,5,7-8`.
+fn parse_cpu_list(text: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
+}
+
+impl Maps {
+    pub fn upsert_endpoint(&self, ip: IpAddr, ep: &Endpoint) -> Result<(), MapError> {
+        let key = ifindex_key(ep.ifindex);
+        // Counters first, zeroed, and kept if the endpoint is re-added.
+        let zero = vec![0u8; size_of::<RawStats>() * possible_cpus()?];
+        match sys::map_update(self.stats.as_fd(), key.as_bytes(), &zero, BPF_NOEXIST) {
+            Err(e) if e.errno() != Some(libc::EEXIST) => return Err(on(crate::pin::STATS_MAP)(e)),
+            _ => {}
+        }
+        let iface = RawIface {
+            pod_mac: ep.pod_mac,
+            host_mac: ep.host_mac,
+            _pad: [0; 4],
+        };
+        sys::map_update(
+            self.ifaces.as_fd(),
+            key.as_bytes(),
+            iface.as_bytes(),
+            BPF_ANY,
+        )
+        .map_err(on(crate::pin::IFACES_MAP))?;
+        // Last: from_pod redirects to it as soon as it is visible.
+        sys::map_update(
+            self.endpoints.as_fd(),
+            &ip_key(ip),
+            RawEndpoint::from(ep).as_bytes(),
+            BPF_ANY,
+        )
+        .map_err(on(crate::pin::ENDPOINTS_MAP))
+    }
+
+    /// Removes `ip` if it still points at `ifindex` (a late DEL must not
+    /// remove an address already given to another pod), then the veth's
+    /// counters and interface entry.
+    pub fn remove_endpoint(&self, ip: IpAddr, ifindex: u32) -> Result<(), MapError> {
+        if self.endpoint(ip)?.is_some_and(|ep| ep.ifindex == ifindex) {
+            sys::map_delete(self.endpoints.as_fd(), &ip_key(ip))
+                .map_err(on(crate::pin::ENDPOINTS_MAP))?;
+        }
+        let key = ifindex_key(ifindex);
+        sys::map_delete(self.ifaces.as_fd(), key.as_bytes()).map_err(on(crate::pin::IFACES_MAP))?;
+        sys::map_delete(self.stats.as_fd(), key.as_bytes()).map_err(on(crate::pin::STATS_MAP))?;
+        Ok(())
+    }
+
+    pub fn endpoint(&self, ip: IpAddr) -> Result<Option<Endpoint>, MapError> {
+        self.endpoint_by_key(&ip_key(ip))
+    }
+
+    fn endpoint_by_key(&self, key: &[u8; 16]) -> Result<Option<Endpoint>, MapError> {
+        let mut buf = [0u8; size_of::<RawEndpoint>()];
+        let found = sys::map_lookup(self.endpoints.as_fd(), key, &mut buf)
+            .map_err(on(crate::pin::ENDPOINTS_MAP))?;
+        Ok(found.then(|| RawEndpoint::from_bytes(&buf).into()))
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(IpAddr, Endpoint)>, MapError> {
+        let mut out = Vec::new();
+        let mut key: Option<[u8; 16]> = None;
+        loop {
+            let mut next = [0u8; 16];
+            let more = sys::map_next_key(
+                self.endpoints.as_fd(),
+                key.as_ref().map(|k| &k[..]),
+                &mut next,
+            )
+            .map_err(on(crate::pin::ENDPOINTS_MAP))?;
+            if !more {
+                return Ok(out);
+            }
+            // Deleted between the two calls: skip it.
+            if let Some(ep) = self.endpoint_by_key(&next)? {
+                out.push((ip_from_key(next), ep));
+            }
+            key = Some(next);
+        }
+    }
+
+    /// How many flows `ferrite_stkflow` holds (walks the map).
+    pub fn stack_flows(&self) -> Result<usize, MapError> {
+        let mut n = 0;
+        let mut key: Option<RawFlowKey> = None;
+        loop {
+            let mut buf = [0u8; size_of::<RawFlowKey>()];
+            let more = sys::map_next_key(
+                self.stackflow.as_fd(),
+                key.as_ref().map(Pod::as_bytes),
+                &mut buf,
+            )
+            .map_err(on(crate::pin::STACKFLOW_MAP))?;
+            if !more {
+                return Ok(n);
+            }
+            n += 1;
+            key = Some(RawFlowKey::from_bytes(&buf));
+        }
+    }
+
+    pub fn stats(&self, ifindex: u32) -> Result<Option<EndpointStats>, MapError> {
+        let cpus = possible_cpus()?;
+        let mut buf = vec![0u8; size_of::<RawStats>() * cpus];
+        let found = sys::map_lookup(
+            self.stats.as_fd(),
+            ifindex_key(ifindex).as_bytes(),
+            &mut buf,
+        )
+        .map_err(on(crate::pin::STATS_MAP))?;
+        if !found {
+            return Ok(None);
+        }
+        let mut sum = EndpointStats::default();
+        for cpu in buf.chunks_exact(size_of::<RawStats>()) {
+            sum.add(&RawStats::from_bytes(cpu));
+        }
+        Ok(Some(sum))
+    }
+}
+
+/// Key of `ferrite_stats` and `ferrite_ifaces`: the host veth's ifindex.
+fn ifindex_key(ifindex: u32) -> u32 {
+    ifindex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0\n"), Some(1));
+        assert_eq!(parse_cpu_list("0-1\n"), Some(2));
+        assert_eq!(parse_cpu_list("0-3,5,7-8"), Some(7));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! The `bpf(2)` calls ferrite makes after loading: every call goes through
+//! [`bpf`], which names the command in its error.
+
+use std::{
+    ffi::CString,
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+};
+
+use thiserror::Error;
+
+/// A failed `bpf(2)` command.
+#[derive(Debug, Error)]
+#[error("bpf({call}): {source}")]
+pub struct SysError {
+    /// The command, e.g. `BPF_MAP_UPDATE_ELEM`.
+    pub call: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SysError {
+    /// The errno, if the kernel returned one.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+const BPF_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_MAP_UPDATE_ELEM: i32 = 2;
+const BPF_MAP_DELETE_ELEM: i32 = 3;
+const BPF_MAP_GET_NEXT_KEY: i32 = 4;
+const BPF_OBJ_GET: i32 = 7;
+const BPF_PROG_TEST_RUN: i32 = 10;
+const BPF_OBJ_GET_INFO_BY_FD: i32 = 15;
+
+/// `BPF_ANY`: create or update.
+pub(crate) const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only.
+pub(crate) const BPF_NOEXIST: u64 = 1;
+
+/// Issues one `bpf(2)` command; `attr` is the command's part of `union bpf_attr`.
+fn bpf<T>(cmd: i32, call: &'static str, attr: &mut T) -> Result<i64, SysError> {
+    // SAFETY: attr is a live, initialised #[repr(C)] value of the layout the
+    // command expects; the kernel reads and writes at most size_of::<T>() bytes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(SysError {
+            call,
+            source: io::Error::last_os_error(),
+        })
+    } else {
+        Ok(ret)
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Opens a pinned object (program or map).
+pub(crate) fn obj_get(path: &CString) -> Result<OwnedFd, SysError> {
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, "BPF_OBJ_GET", &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn map_elem(
+    cmd: i32,
+    call: &'static str,
+    map: BorrowedFd<'_>,
+    key: *const u8,
+    value: *const u8,
+    flags: u64,
+) -> Result<(), SysError> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value: value as u64,
+        flags,
+    };
+    bpf(cmd, call, &mut attr).map(drop)
+}
+
+/// Looks `key` up; `Ok(false)` if absent. `value` must be the map's value size
+/// (times the number of possible CPUs for per-CPU maps).
+pub(crate) fn map_lookup(
+    map: BorrowedFd<'_>,
+    key: &[u8],
+    value: &mut [u8],
+) -> Result<bool, SysError> {
+    match map_elem(
+        BPF_MAP_LOOKUP_ELEM,
+        "BPF_MAP_LOOKUP_ELEM",
+        map,
+        key.as_ptr(),
+        value.as_mut_ptr(),
+        0,
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn map_update(
+    map: BorrowedFd<'_>,
+    key: &[u8],
+    value: &[u8],
+    flags: u64,
+) -> Result<(), SysError> {
+    map_elem(
+        BPF_MAP_UPDATE_ELEM,
+        "BPF_MAP_UPDATE_ELEM",
+        map,
+        key.as_ptr(),
+        value.as_ptr(),
+        flags,
+    )
+}
+
+/// Deletes `key`; `Ok(false)` if it was not there.
+pub(crate) fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> Result<bool, SysError> {
+    match map_elem(
+        BPF_MAP_DELETE_ELEM,
+        "BPF_MAP_DELETE_ELEM",
+        map,
+        key.as_ptr(),
+        std::ptr::null(),
+        0,
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The key after `key` (the first key when `key` is `None`); `Ok(false)` at the end.
+pub(crate) fn map_next_key(
+    map: BorrowedFd<'_>,
+    key: Option<&[u8]>,
+    next: &mut [u8],
+) -> Result<bool, SysError> {
+    match map_elem(
+        BPF_MAP_GET_NEXT_KEY,
+        "BPF_MAP_GET_NEXT_KEY",
+        map,
+        key.map_or(std::ptr::null(), <[u8]>::as_ptr),
+        next.as_mut_ptr(),
+        0,
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The kernel id of a program (`bpf_prog_info.id`), as tc filters report it.
+pub(crate) fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, SysError> {
+    // struct bpf_prog_info starts with { __u32 type; __u32 id; ... }; the
+    // kernel fills only the prefix we pass.
+    let mut info = [0u32; 2];
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: size_of::<[u32; 2]>() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD", &mut attr)?;
+    Ok(info[1])
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Offset of `ifindex` in `struct __sk_buff`; the fields before it must be 0.
+const SKB_IFINDEX_OFFSET: usize = 40;
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (a TC_ACT_* verdict for ferrite's programs).
+    pub verdict: i32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Run time reported by the kernel, in nanoseconds.
+    pub duration_ns: u32,
+}
+
+/// Runs a tc program once on `packet`, as if received on `ifindex` (which
+/// must be 1, the loopback device, or an existing device in this netns).
+pub(crate) fn prog_test_run(
+    prog: BorrowedFd<'_>,
+    packet: &[u8],
+    ifindex: u32,
+) -> Result<TestRun, SysError> {
+    let mut ctx = [0u8; SKB_IFINDEX_OFFSET + 4];
+    ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
+    // Room for programs that grow the packet (ferrite's do not).
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, "BPF_PROG_TEST_RUN", &mut attr)?;
+    out.truncate(attr.data_size_out as usize);
+    Ok(TestRun {
+        verdict: attr.retval as i32,
+        packet: out,
+        duration_ns: attr.duration,
+    })
+}
