@@ -48,7 +48,10 @@ pub fn requested(conf: &NetConf, env: &CniEnv) -> CniResult<Vec<IpAddr>> {
     for s in conf.runtime_config.ips.iter().chain(&conf.args_ips) {
         let plain = s.split('/').next().unwrap_or(s);
         let ip: IpAddr = plain.parse().map_err(|_| {
-            CniError::new(Code::InvalidConfig, format!("requested address {s:?} is not an IP"))
+            CniError::new(
+                Code::InvalidConfig,
+                format!("requested address {s:?} is not an IP"),
+            )
         })?;
         if !out.contains(&ip) {
             out.push(ip);
@@ -70,14 +73,19 @@ pub fn allocate(conf: &NetConf, env: &CniEnv) -> CniResult<Vec<IpAddr>> {
                 .state()
                 .allocate(&pool, &owner(env), &requested)
                 .map_err(ipam_error)?;
-            locked.commit().map_err(|e| store_error(&conf.state_dir, &e))?;
+            locked
+                .commit()
+                .map_err(|e| store_error(&conf.state_dir, &e))?;
             Ok(allocs.iter().map(|a| a.address.ip()).collect())
         }
         Ipam::Delegated { plugin } => {
             let out = delegate(conf, env, plugin, "ADD")?;
             let value: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
-                CniError::new(Code::Delegate, format!("IPAM plugin {plugin} returned invalid JSON"))
-                    .with_details(e)
+                CniError::new(
+                    Code::Delegate,
+                    format!("IPAM plugin {plugin} returned invalid JSON"),
+                )
+                .with_details(e)
             })?;
             let result = CniOutput::from_json(&value)?;
             if result.ips.is_empty() {
@@ -98,7 +106,9 @@ pub fn release(conf: &NetConf, env: &CniEnv) -> CniResult<Vec<IpAddr>> {
             let store = open_store(conf)?;
             let mut locked = store.lock().map_err(|e| store_error(&conf.state_dir, &e))?;
             let released = locked.state().release(&owner(env));
-            locked.commit().map_err(|e| store_error(&conf.state_dir, &e))?;
+            locked
+                .commit()
+                .map_err(|e| store_error(&conf.state_dir, &e))?;
             Ok(released)
         }
         Ipam::Delegated { plugin } => {
@@ -144,8 +154,11 @@ fn delegate(conf: &NetConf, env: &CniEnv, plugin: &str, command: &str) -> CniRes
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| {
-            CniError::new(Code::Delegate, format!("cannot run IPAM plugin {}", path.display()))
-                .with_details(e)
+            CniError::new(
+                Code::Delegate,
+                format!("cannot run IPAM plugin {}", path.display()),
+            )
+            .with_details(e)
         })?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(&conf.raw);
@@ -157,11 +170,10 @@ fn delegate(conf: &NetConf, env: &CniEnv, plugin: &str, command: &str) -> CniRes
         // Pass the delegate's own CNI error through when it gave one.
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
             let msg = v.get("msg").and_then(|m| m.as_str()).unwrap_or("failed");
-            return Err(CniError::new(
-                Code::Delegate,
-                format!("IPAM plugin {plugin}: {msg}"),
-            )
-            .with_details(v.get("details").and_then(|d| d.as_str()).unwrap_or("")));
+            return Err(
+                CniError::new(Code::Delegate, format!("IPAM plugin {plugin}: {msg}"))
+                    .with_details(v.get("details").and_then(|d| d.as_str()).unwrap_or("")),
+            );
         }
         return Err(CniError::new(
             Code::Delegate,

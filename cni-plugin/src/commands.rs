@@ -36,7 +36,11 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     {
         return Err(CniError::new(
             Code::InterfaceExists,
-            format!("interface {} already exists in {}", env.ifname, netns_path.display()),
+            format!(
+                "interface {} already exists in {}",
+                env.ifname,
+                netns_path.display()
+            ),
         ));
     }
     // Pool validation is cheap and must fail before anything is touched.
@@ -179,7 +183,12 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         }
     }
     let released = addresses::release(conf, env)?;
-    log::info!("deleted {} (veth {}) released={:?}", env.ifname, host_name, released);
+    log::info!(
+        "deleted {} (veth {}) released={:?}",
+        env.ifname,
+        host_name,
+        released
+    );
     Ok(())
 }
 
@@ -218,7 +227,10 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         .map(|i| i.address.ip())
         .collect();
     if ips.is_empty() {
-        return Err(CniError::new(Code::InvalidConfig, "prevResult lists no address"));
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "prevResult lists no address",
+        ));
     }
 
     // Host side.
@@ -229,7 +241,9 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         .map_err(|e| pod::kernel_error("cannot look up the host veth", &e))?
         .ok_or_else(|| drift(format!("host veth {host_name} is missing")))?;
     if host.alias.as_deref() != Some(naming::host_veth_alias(&conf.name).as_str()) {
-        return Err(drift(format!("host veth {host_name} is not marked as ferrite's")));
+        return Err(drift(format!(
+            "host veth {host_name} is not marked as ferrite's"
+        )));
     }
     if !host.up {
         return Err(drift(format!("host veth {host_name} is down")));
@@ -247,14 +261,21 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
             .iter()
             .any(|r| r.destination == Some(*ip) && r.prefix_len == len && r.oif == Some(host.index))
         {
-            return Err(drift(format!("host route {ip}/{len} via {host_name} is missing")));
+            return Err(drift(format!(
+                "host route {ip}/{len} via {host_name} is missing"
+            )));
         }
     }
 
     // Datapath.
     let dp = Datapath::open(&conf.bpffs_root)
         .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?
-        .ok_or_else(|| drift(format!("datapath pins under {} are missing", conf.bpffs_root.display())))?;
+        .ok_or_else(|| {
+            drift(format!(
+                "datapath pins under {} are missing",
+                conf.bpffs_root.display()
+            ))
+        })?;
     let att = dp
         .attachment(host.index)
         .map_err(|e| datapath_error("cannot query tc filters", &e))?;
@@ -271,15 +292,22 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
             .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
             .ok_or_else(|| drift(format!("endpoint map has no entry for {ip}")))?;
         if ep.ifindex != host.index || ep.host_mac != host.mac {
-            return Err(drift(format!("endpoint map entry for {ip} points elsewhere")));
+            return Err(drift(format!(
+                "endpoint map entry for {ip} points elsewhere"
+            )));
         }
         if !prev_pod_mac.is_empty() && format_mac(&ep.pod_mac) != prev_pod_mac {
-            return Err(drift(format!("endpoint map entry for {ip} has another pod MAC")));
+            return Err(drift(format!(
+                "endpoint map entry for {ip} has another pod MAC"
+            )));
         }
     }
 
     // Pod side.
-    let netns_path = env.netns.as_deref().expect("validated: CHECK has CNI_NETNS");
+    let netns_path = env
+        .netns
+        .as_deref()
+        .expect("validated: CHECK has CNI_NETNS");
     let netns = pod::open_netns(netns_path)?;
     let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
         .map_err(|e| pod::kernel_error("cannot open netlink in the pod namespace", &e))?;
@@ -288,7 +316,11 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         .map_err(|e| pod::kernel_error("cannot look up the pod interface", &e))?
         .ok_or_else(|| drift(format!("interface {} is missing in the pod", env.ifname)))?;
     if !prev_pod_mac.is_empty() && format_mac(&pod_link.mac) != prev_pod_mac {
-        return Err(drift(format!("{} has MAC {}, prevResult says {prev_pod_mac}", env.ifname, format_mac(&pod_link.mac))));
+        return Err(drift(format!(
+            "{} has MAC {}, prevResult says {prev_pod_mac}",
+            env.ifname,
+            format_mac(&pod_link.mac)
+        )));
     }
     if !pod_link.up {
         return Err(drift(format!("{} is down in the pod", env.ifname)));
@@ -298,7 +330,10 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         .map_err(|e| pod::kernel_error("cannot list pod addresses", &e))?;
     for ip in &ips {
         if !addrs.iter().any(|(a, _)| a == ip) {
-            return Err(drift(format!("address {ip} is missing on {} in the pod", env.ifname)));
+            return Err(drift(format!(
+                "address {ip} is missing on {} in the pod",
+                env.ifname
+            )));
         }
     }
     let neigh = pod_nl
@@ -313,13 +348,17 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
             .iter()
             .any(|r| r.prefix_len == 0 && r.gateway == Some(gw) && r.oif == Some(pod_link.index))
         {
-            return Err(drift(format!("default route via {gw} is missing in the pod")));
+            return Err(drift(format!(
+                "default route via {gw} is missing in the pod"
+            )));
         }
         if !neigh
             .iter()
             .any(|n| n.destination == gw && n.permanent && n.mac == Some(host.mac))
         {
-            return Err(drift(format!("permanent neighbour {gw} is missing in the pod")));
+            return Err(drift(format!(
+                "permanent neighbour {gw} is missing in the pod"
+            )));
         }
     }
 
@@ -328,7 +367,9 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         let held = addresses::held(conf, env)?;
         for ip in &ips {
             if !held.contains(ip) {
-                return Err(drift(format!("IPAM does not record {ip} for this container")));
+                return Err(drift(format!(
+                    "IPAM does not record {ip} for this container"
+                )));
             }
         }
     }
@@ -377,13 +418,20 @@ pub fn status(conf: &NetConf) -> CniResult<()> {
             ));
         }
         // An ADD must be able to write the store.
-        let probe = conf.state_dir.join("ipam").join(&conf.name).join(".status-probe");
+        let probe = conf
+            .state_dir
+            .join("ipam")
+            .join(&conf.name)
+            .join(".status-probe");
         std::fs::write(&probe, b"")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| {
                 CniError::new(
                     Code::NotAvailable,
-                    format!("state directory {} is not writable", conf.state_dir.display()),
+                    format!(
+                        "state directory {} is not writable",
+                        conf.state_dir.display()
+                    ),
                 )
                 .with_details(e)
             })?;
@@ -392,9 +440,10 @@ pub fn status(conf: &NetConf) -> CniResult<()> {
 }
 
 pub fn gc(conf: &NetConf) -> CniResult<()> {
-    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
-        CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments")
-    })?;
+    let valid = conf
+        .valid_attachments
+        .as_ref()
+        .ok_or_else(|| CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments"))?;
     let valid_names: HashSet<String> = valid
         .iter()
         .map(|a| naming::host_veth_name(&a.container_id, &a.ifname))
@@ -409,7 +458,10 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         .link_list()
         .map_err(|e| pod::kernel_error("cannot list links", &e))?;
     let mut removed_links = 0;
-    for l in links.iter().filter(|l| l.alias.as_deref() == Some(alias.as_str())) {
+    for l in links
+        .iter()
+        .filter(|l| l.alias.as_deref() == Some(alias.as_str()))
+    {
         if valid_names.contains(&l.name) {
             continue;
         }
@@ -437,7 +489,10 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         .retain(|o| valid.contains(&(o.container_id.as_str(), o.ifname.as_str())));
     if let Some(dp) = &dp {
         for (ip, _) in &released {
-            if let Some(ep) = dp.endpoint(*ip).map_err(|e| datapath_error("cannot read the endpoint map", &e))? {
+            if let Some(ep) = dp
+                .endpoint(*ip)
+                .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
+            {
                 dp.remove_endpoint(*ip, ep.ifindex)
                     .map_err(|e| datapath_error("cannot remove an endpoint", &e))?;
             }
@@ -447,7 +502,10 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
             .endpoints()
             .map_err(|e| datapath_error("cannot read the endpoint map", &e))?;
         for (ip, ep) in entries {
-            let in_pool = pool.sets.iter().any(|s| s.0.iter().any(|r| r.subnet.contains(ip)));
+            let in_pool = pool
+                .sets
+                .iter()
+                .any(|s| s.0.iter().any(|r| r.subnet.contains(ip)));
             if in_pool && locked.state().owner_of(ip).is_none() {
                 dp.remove_endpoint(ip, ep.ifindex)
                     .map_err(|e| datapath_error("cannot remove an endpoint", &e))?;

@@ -144,8 +144,7 @@ pub fn sniff_version(stdin: &[u8]) -> String {
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> CniResult<Self> {
         let value: Value = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(Code::Decode, "network configuration is not valid JSON")
-                .with_details(e)
+            CniError::new(Code::Decode, "network configuration is not valid JSON").with_details(e)
         })?;
         if !value.is_object() {
             return Err(CniError::new(
@@ -409,9 +408,9 @@ pub fn validate_ifname(name: &str) -> CniResult<()> {
         && name.len() < 16
         && name != "."
         && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0 || !b.is_ascii_graphic());
+        && !name.bytes().any(|b| {
+            b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0 || !b.is_ascii_graphic()
+        });
     if ok {
         Ok(())
     } else {
@@ -484,8 +483,9 @@ mod tests {
 
     #[test]
     fn version_rules() {
-        let e = NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","ipam":{"subnet":"10.0.0.0/24"}}"#)
-            .unwrap_err();
+        let e =
+            NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","ipam":{"subnet":"10.0.0.0/24"}}"#)
+                .unwrap_err();
         assert_eq!(e.code, Code::IncompatibleVersion);
         let c = NetConf::parse(
             br#"{"cniVersions":["0.4.0","1.0.0"],"name":"n","ipam":{"subnet":"10.0.0.0/24"}}"#,
@@ -502,7 +502,11 @@ mod tests {
             let c = format!(
                 r#"{{"cniVersion":"1.1.0","name":{name:?},"ipam":{{"subnet":"10.0.0.0/24"}}}}"#
             );
-            assert_eq!(NetConf::parse(c.as_bytes()).unwrap_err().code, Code::InvalidConfig, "{name}");
+            assert_eq!(
+                NetConf::parse(c.as_bytes()).unwrap_err().code,
+                Code::InvalidConfig,
+                "{name}"
+            );
         }
         let e = NetConf::parse(&conf(r#","stateDir":"/var/lib/../../etc""#)).unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
@@ -516,9 +520,15 @@ mod tests {
             br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"host-local","subnet":"10.0.0.0/24"}}"#,
         )
         .unwrap();
-        assert_eq!(c.ipam, Ipam::Delegated { plugin: "host-local".into() });
-        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"../../bin/sh"}}"#)
-            .unwrap_err();
+        assert_eq!(
+            c.ipam,
+            Ipam::Delegated {
+                plugin: "host-local".into()
+            }
+        );
+        let e =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"../../bin/sh"}}"#)
+                .unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
     }
 
@@ -542,7 +552,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -566,9 +579,15 @@ mod tests {
             CniEnv::from_map(&m).map(|_| ()).unwrap_err().code
         };
         assert_eq!(with("CNI_COMMAND", "FROB"), Code::InvalidEnvironment);
-        assert_eq!(with("CNI_CONTAINERID", "../../etc"), Code::InvalidEnvironment);
+        assert_eq!(
+            with("CNI_CONTAINERID", "../../etc"),
+            Code::InvalidEnvironment
+        );
         assert_eq!(with("CNI_CONTAINERID", ""), Code::InvalidEnvironment);
-        assert_eq!(with("CNI_IFNAME", "a-very-long-interface"), Code::InvalidEnvironment);
+        assert_eq!(
+            with("CNI_IFNAME", "a-very-long-interface"),
+            Code::InvalidEnvironment
+        );
         assert_eq!(with("CNI_IFNAME", "eth/0"), Code::InvalidEnvironment);
         assert_eq!(with("CNI_IFNAME", ".."), Code::InvalidEnvironment);
         assert_eq!(with("CNI_NETNS", ""), Code::InvalidEnvironment);
@@ -580,5 +599,36 @@ mod tests {
         del.insert("CNI_COMMAND".into(), "DEL".into());
         del.insert("CNI_NETNS".into(), "".into());
         assert!(CniEnv::from_map(&del).unwrap().netns.is_none());
+    }
+
+    /// Every example in conf/ parses, as a runtime would hand each plugin
+    /// entry to ferrite (cniVersion and name copied from the list).
+    #[test]
+    fn every_example_in_conf_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let list: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let plugins = match list.get("plugins") {
+                Some(p) => p.as_array().unwrap().clone(),
+                None => vec![list.clone()],
+            };
+            for mut plugin in plugins {
+                if plugin["type"] != "ferrite" {
+                    continue;
+                }
+                plugin["cniVersion"] = list["cniVersion"].clone();
+                plugin["name"] = list["name"].clone();
+                let conf = NetConf::parse(&serde_json::to_vec(&plugin).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                conf.pool()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1, "no ferrite configuration found in conf/");
     }
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 /// Error codes from the CNI specification, and ferrite's own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
+#[allow(dead_code)] // the spec's full list; not every code has a use yet
 pub enum Code {
     IncompatibleVersion = 1,
     UnsupportedField = 2,

@@ -20,7 +20,10 @@ struct Logger {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= self.level || metadata.level() <= Level::Warn
+        // Libraries (aya) speak at debug about every relocation: keep only
+        // their warnings.
+        let ours = metadata.target().starts_with("ferrite");
+        metadata.level() <= Level::Warn || (ours && metadata.level() <= self.level)
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -30,7 +33,7 @@ impl Log for Logger {
         if record.level() <= Level::Warn {
             eprintln!("ferrite: {}: {}", record.level(), record.args());
         }
-        if record.level() > self.level {
+        if record.level() > self.level && record.level() > Level::Warn {
             return;
         }
         if let Some(file) = &self.file {

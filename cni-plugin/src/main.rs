@@ -110,7 +110,14 @@ fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "{:<40} {:>8} {:>10} {:>12} {:>10} {:>12} {:>10} {:>10}  drops",
-                "endpoint", "ifindex", "from_pod", "from_bytes", "redirected", "redir_bytes", "redir_in", "via_stack"
+                "endpoint",
+                "ifindex",
+                "from_pod",
+                "from_bytes",
+                "redirected",
+                "redir_bytes",
+                "redir_in",
+                "via_stack"
             )?;
             for (ip, ep) in endpoints {
                 let s = dp.stats(ep.ifindex)?;
@@ -134,7 +141,11 @@ fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
                     s.redirected_bytes,
                     s.redirected_in_packets,
                     s.to_pod_packets,
-                    if drops.is_empty() { "-".to_string() } else { drops.join(",") }
+                    if drops.is_empty() {
+                        "-".to_string()
+                    } else {
+                        drops.join(",")
+                    }
                 )?;
             }
         }

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
@@ -161,12 +161,13 @@ impl Netlink {
             let mut offset = 0;
             while offset < n {
                 let bytes = &self.buf[offset..n];
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(
-                    |e| NetlinkError::Decode {
-                        request: what.into(),
-                        detail: e.to_string(),
-                    },
-                )?;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        NetlinkError::Decode {
+                            request: what.into(),
+                            detail: e.to_string(),
+                        }
+                    })?;
                 let len = msg.header.length as usize;
                 if msg.header.sequence_number == seq {
                     if let NetlinkPayload::Error(err) = msg.payload {
@@ -196,12 +197,13 @@ impl Netlink {
             let mut offset = 0;
             while offset < n {
                 let bytes = &self.buf[offset..n];
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(
-                    |e| NetlinkError::Decode {
-                        request: what.into(),
-                        detail: e.to_string(),
-                    },
-                )?;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        NetlinkError::Decode {
+                            request: what.into(),
+                            detail: e.to_string(),
+                        }
+                    })?;
                 let len = msg.header.length as usize;
                 if msg.header.sequence_number == seq {
                     match msg.payload {
@@ -238,7 +240,12 @@ impl Netlink {
 
     /// `ip link add <host> mtu M address A type veth peer name <peer> netns <fd> mtu M address B`
     /// in one RTM_NEWLINK. Fails with EEXIST if either name is taken.
-    pub fn link_add_veth(&mut self, host: &VethEnd<'_>, peer: &VethEnd<'_>, peer_netns: BorrowedFd<'_>) -> Result<()> {
+    pub fn link_add_veth(
+        &mut self,
+        host: &VethEnd<'_>,
+        peer: &VethEnd<'_>,
+        peer_netns: BorrowedFd<'_>,
+    ) -> Result<()> {
         let mut peer_msg = LinkMessage::default();
         peer_msg.attributes = vec![
             LinkAttribute::IfName(peer.name.to_string()),
@@ -270,7 +277,8 @@ impl Netlink {
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         if let Some(alias) = alias {
-            msg.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
+            msg.attributes
+                .push(LinkAttribute::IfAlias(alias.to_string()));
         }
         self.request(
             &format!("link set {index} up"),
@@ -298,11 +306,12 @@ impl Netlink {
         let seq = self.send(RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST)?;
         loop {
             let n = self.recv(&what)?;
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[..n])
-                .map_err(|e| NetlinkError::Decode {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[..n]).map_err(
+                |e| NetlinkError::Decode {
                     request: what.clone(),
                     detail: e.to_string(),
-                })?;
+                },
+            )?;
             if msg.header.sequence_number != seq {
                 continue;
             }
@@ -400,7 +409,9 @@ impl Netlink {
         };
         if route.prefix_len > 0 {
             msg.attributes
-                .push(RouteAttribute::Destination(RouteAddress::from(route.destination)));
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    route.destination,
+                )));
         }
         if let Some(gw) = route.gateway {
             msg.attributes

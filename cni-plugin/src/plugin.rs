@@ -57,8 +57,11 @@ pub fn dispatch(env: &HashMap<String, String>, stdin: &[u8], init_logging: bool)
             conf.log_file.as_deref(),
             conf.log_level,
             format!(
-                "{:?} net={} cid={} if={}",
-                env.command, conf.name, env.container_id, env.ifname
+                "{} net={} cid={} if={}",
+                format!("{:?}", env.command).to_uppercase(),
+                conf.name,
+                env.container_id,
+                env.ifname
             ),
         );
     }
@@ -86,7 +89,10 @@ fn run(conf: &NetConf, env: &CniEnv) -> CniResult<Option<Value>> {
             if !v.has_check() {
                 return Err(CniError::new(
                     Code::IncompatibleVersion,
-                    format!("CHECK needs cniVersion 0.4.0 or later, got {}", conf.cni_version),
+                    format!(
+                        "CHECK needs cniVersion 0.4.0 or later, got {}",
+                        conf.cni_version
+                    ),
                 ));
             }
             commands::check(conf, env).map(|()| None)
@@ -118,7 +124,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -142,11 +151,41 @@ mod tests {
         let cases: &[(&[(&str, &str)], &[u8], u32)] = &[
             (&[], conf, 4),
             (&[("CNI_COMMAND", "ADD")], b"{", 6),
-            (&[("CNI_COMMAND", "ADD")], br#"{"cniVersion":"9.0.0","name":"n","ipam":{}}"#, 1),
-            (&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "../x"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")], conf, 4),
-            (&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")], conf, 4),
+            (
+                &[("CNI_COMMAND", "ADD")],
+                br#"{"cniVersion":"9.0.0","name":"n","ipam":{}}"#,
+                1,
+            ),
+            (
+                &[
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "../x"),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_NETNS", "/x"),
+                ],
+                conf,
+                4,
+            ),
+            (
+                &[
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "abc"),
+                    ("CNI_IFNAME", "eth0"),
+                ],
+                conf,
+                4,
+            ),
             (&[("CNI_COMMAND", "STATUS")], conf, 1),
-            (&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/nonexistent/ns")], conf, 3),
+            (
+                &[
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "abc"),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_NETNS", "/nonexistent/ns"),
+                ],
+                conf,
+                3,
+            ),
         ];
         for (pairs, stdin, code) in cases {
             let out = dispatch(&env(pairs), stdin, false);

@@ -41,7 +41,6 @@ pub fn open_netns(path: &Path) -> CniResult<File> {
 /// What ADD made, as the datapath and the result need it.
 pub struct PodLink {
     pub host: Link,
-    pub pod_index: u32,
     pub pod_mac: [u8; 6],
 }
 
@@ -111,9 +110,8 @@ pub fn create(
     };
     let configured = configure(host_nl, pod_nl, &host_link, ifname, alias, pod_mac, ips);
     match configured {
-        Ok(pod_index) => Ok(PodLink {
+        Ok(()) => Ok(PodLink {
             host: host_link,
-            pod_index,
             pod_mac,
         }),
         Err(err) => {
@@ -133,7 +131,7 @@ fn configure(
     alias: &str,
     pod_mac: [u8; 6],
     ips: &[IpAddr],
-) -> CniResult<u32> {
+) -> CniResult<()> {
     let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
     host_nl
         .link_set_up(host.index, Some(alias))
@@ -197,7 +195,7 @@ fn configure(
             .neigh_add_permanent(host.index, *ip, pod_mac)
             .map_err(k("cannot add the pod's neighbour entry on the host"))?;
     }
-    Ok(pod.index)
+    Ok(())
 }
 
 /// Deletes the host veth `name` if ferrite made it for this network.

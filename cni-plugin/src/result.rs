@@ -125,7 +125,8 @@ impl CniOutput {
             #[serde(default)]
             dns: Dns,
         }
-        let bad = |what: String| CniError::new(Code::InvalidConfig, format!("invalid result: {what}"));
+        let bad =
+            |what: String| CniError::new(Code::InvalidConfig, format!("invalid result: {what}"));
         let raw: Raw = serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
         let mut ips = Vec::with_capacity(raw.ips.len());
         for ip in raw.ips {
@@ -228,9 +229,15 @@ mod tests {
     #[test]
     fn rejects_bad_prev_result() {
         let bad = json!({"ips": [{"address": "10.0.0.1"}]});
-        assert_eq!(CniOutput::from_json(&bad).unwrap_err().code, Code::InvalidConfig);
+        assert_eq!(
+            CniOutput::from_json(&bad).unwrap_err().code,
+            Code::InvalidConfig
+        );
         let bad = json!({"interfaces": [], "ips": [{"address": "10.0.0.1/32", "interface": 3}]});
-        assert_eq!(CniOutput::from_json(&bad).unwrap_err().code, Code::InvalidConfig);
+        assert_eq!(
+            CniOutput::from_json(&bad).unwrap_err().code,
+            Code::InvalidConfig
+        );
         let bad = json!({"ips": "nope"});
         assert!(CniOutput::from_json(&bad).is_err());
     }

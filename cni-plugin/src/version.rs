@@ -1,7 +1,5 @@
 //! CNI spec versions ferrite speaks.
 
-use std::cmp::Ordering;
-
 use crate::error::{CniError, CniResult, Code};
 
 /// Every version ferrite accepts and can shape a result for, oldest first.
@@ -61,10 +59,6 @@ pub fn negotiate(offered: &[String]) -> Option<&'static str> {
         .copied()
 }
 
-pub fn compare(a: &str, b: &str) -> Ordering {
-    Version::parse(a).cmp(&Version::parse(b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,7 +71,6 @@ mod tests {
         assert!(Version::parse("0.3.1").unwrap().ip_version_field());
         assert!(!Version::parse("1.0.0").unwrap().ip_version_field());
         assert_eq!(Version::parse("1.x.0"), None);
-        assert_eq!(compare("0.4.0", "1.0.0"), Ordering::Less);
     }
 
     #[test]
@@ -89,7 +82,10 @@ mod tests {
 
     #[test]
     fn rejects_unknown() {
-        assert_eq!(require_supported("0.2.0").unwrap_err().code, Code::IncompatibleVersion);
+        assert_eq!(
+            require_supported("0.2.0").unwrap_err().code,
+            Code::IncompatibleVersion
+        );
         assert!(require_supported("1.1.0").is_ok());
     }
 }

@@ -22,7 +22,10 @@ fn add_check_del_every_version() {
         assert_eq!(r["cniVersion"], *v);
         let ifaces = r["interfaces"].as_array().unwrap();
         assert_eq!(ifaces.len(), 2, "{r}");
-        assert!(ifaces[0].get("sandbox").is_none(), "host veth has no sandbox");
+        assert!(
+            ifaces[0].get("sandbox").is_none(),
+            "host veth has no sandbox"
+        );
         assert_eq!(ifaces[1]["name"], "eth0");
         assert_eq!(ifaces[1]["sandbox"], pod.ns.path().display().to_string());
         let ip = &r["ips"][0];
@@ -35,10 +38,19 @@ fn add_check_del_every_version() {
         let addr = pod.ns.exec("ip -o -4 addr show dev eth0").unwrap();
         assert!(addr.contains(&format!("{}/32", pod.ip())), "{addr}");
         let routes = pod.ns.exec("ip route show").unwrap();
-        assert!(routes.contains("default via 169.254.1.1 dev eth0 onlink"), "{routes}");
+        assert!(
+            routes.contains("default via 169.254.1.1 dev eth0") && routes.contains("onlink"),
+            "{routes}"
+        );
         let neigh = pod.ns.exec("ip neigh show dev eth0").unwrap();
-        assert!(neigh.contains("169.254.1.1") && neigh.contains("PERMANENT"), "{neigh}");
-        let host = node.ns.exec(&format!("ip route show {}", pod.ip())).unwrap();
+        assert!(
+            neigh.contains("169.254.1.1") && neigh.contains("PERMANENT"),
+            "{neigh}"
+        );
+        let host = node
+            .ns
+            .exec(&format!("ip route show {}", pod.ip()))
+            .unwrap();
         assert!(host.contains(&pod.host_veth()), "{host}");
         let filters = node
             .ns
@@ -54,7 +66,11 @@ fn add_check_del_every_version() {
         // DEL again succeeds and changes nothing.
         pod.del().unwrap().expect_ok();
         assert_eq!(node.links().unwrap(), before, "{v}: links left behind");
-        assert!(node.allocations().is_empty(), "{v}: {:?}", node.allocations());
+        assert!(
+            node.allocations().is_empty(),
+            "{v}: {:?}",
+            node.allocations()
+        );
     }
 }
 
@@ -67,7 +83,14 @@ fn stdout_carries_only_the_result() {
     let ns = Netns::new("p").unwrap();
     let id = unique("c");
     let inv = node
-        .invoke("ADD", &id, Some(&ns.path()), "eth0", &node.conf("1.1.0"), &[])
+        .invoke(
+            "ADD",
+            &id,
+            Some(&ns.path()),
+            "eth0",
+            &node.conf("1.1.0"),
+            &[],
+        )
         .unwrap();
     inv.expect_ok();
     // Exactly one JSON document, nothing before or after it.
@@ -77,10 +100,21 @@ fn stdout_carries_only_the_result() {
     let log = std::fs::read_to_string(node.state.path.join("cni.log")).unwrap();
     assert!(log.contains("ADD") && log.contains(&id), "{log}");
     let del = node
-        .invoke("DEL", &id, Some(&ns.path()), "eth0", &node.conf("1.1.0"), &[])
+        .invoke(
+            "DEL",
+            &id,
+            Some(&ns.path()),
+            "eth0",
+            &node.conf("1.1.0"),
+            &[],
+        )
         .unwrap();
     del.expect_ok();
-    assert!(del.stdout.trim().is_empty(), "DEL prints nothing: {:?}", del.stdout);
+    assert!(
+        del.stdout.trim().is_empty(),
+        "DEL prints nothing: {:?}",
+        del.stdout
+    );
 }
 
 #[test]
@@ -92,9 +126,16 @@ fn del_without_netns_or_prev_result() {
     let before = node.links().unwrap();
     let ns = Netns::new("p").unwrap();
     let id = unique("c");
-    node.invoke("ADD", &id, Some(&ns.path()), "eth0", &node.conf("1.0.0"), &[])
-        .unwrap()
-        .expect_ok();
+    node.invoke(
+        "ADD",
+        &id,
+        Some(&ns.path()),
+        "eth0",
+        &node.conf("1.0.0"),
+        &[],
+    )
+    .unwrap()
+    .expect_ok();
     let gone = ns.path();
     drop(ns);
     assert!(!gone.exists());
@@ -121,7 +162,8 @@ fn check_reports_drift() {
     let node = Node::new("10.53.0.0/24").unwrap();
     let tamper: &[(&str, &dyn Fn(&crate::harness::Pod) -> String)] = &[
         ("pod address", &|p| {
-            p.ns.exec(&format!("ip addr del {}/32 dev eth0", p.ip())).unwrap();
+            p.ns.exec(&format!("ip addr del {}/32 dev eth0", p.ip()))
+                .unwrap();
             "address".into()
         }),
         ("pod default route", &|p| {
@@ -154,7 +196,10 @@ fn check_reports_drift() {
         let inv = pod.check().unwrap();
         assert_eq!(inv.code(), 105, "{what}: {}", inv.stdout);
         let msg = inv.json()["msg"].as_str().unwrap().to_string();
-        assert!(msg.contains(&needle), "{what}: message {msg:?} should mention {needle:?}");
+        assert!(
+            msg.contains(&needle),
+            "{what}: message {msg:?} should mention {needle:?}"
+        );
     }
 }
 
@@ -170,7 +215,9 @@ fn gc_releases_unlisted_attachments() {
     assert_eq!(node.allocations().len(), 3);
     let mut c = node.conf("1.1.0");
     c["cni.dev/valid-attachments"] = json!([{ "containerID": keep.id, "ifname": "eth0" }]);
-    node.invoke("GC", "", None, "", &c, &[]).unwrap().expect_ok();
+    node.invoke("GC", "", None, "", &c, &[])
+        .unwrap()
+        .expect_ok();
     let links = node.links().unwrap();
     assert!(links.contains(&keep.host_veth()));
     assert!(!links.contains(&gone1.host_veth()));
@@ -180,7 +227,9 @@ fn gc_releases_unlisted_attachments() {
     assert!(allocs[0].contains(&keep.id));
     keep.check().unwrap().expect_ok();
     // GC without the list refuses rather than removing everything.
-    let inv = node.invoke("GC", "", None, "", &node.conf("1.1.0"), &[]).unwrap();
+    let inv = node
+        .invoke("GC", "", None, "", &node.conf("1.1.0"), &[])
+        .unwrap();
     assert_eq!(inv.code(), 7);
     gone1.deleted = true;
     gone2.deleted = true;
@@ -193,10 +242,11 @@ fn concurrent_adds_never_share_an_address() {
     }
     let node = Node::new("10.55.0.0/24").unwrap();
     let pods: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..24)
-            .map(|_| s.spawn(|| node.add_pod("1.1.0")))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        let handles: Vec<_> = (0..24).map(|_| s.spawn(|| node.add_pod("1.1.0"))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
     });
     let ips: HashSet<IpAddr> = pods.iter().map(|p| p.ip()).collect();
     assert_eq!(ips.len(), pods.len(), "duplicate address handed out");
@@ -213,7 +263,14 @@ fn second_add_for_the_same_interface_fails_and_keeps_the_first() {
     let node = Node::new("10.56.0.0/24").unwrap();
     let pod = node.add_pod("1.1.0").unwrap();
     let inv = node
-        .invoke("ADD", &pod.id, Some(&pod.ns.path()), "eth0", &node.conf("1.1.0"), &[])
+        .invoke(
+            "ADD",
+            &pod.id,
+            Some(&pod.ns.path()),
+            "eth0",
+            &node.conf("1.1.0"),
+            &[],
+        )
         .unwrap();
     assert_eq!(inv.code(), 104, "{}", inv.stdout);
     pod.check().unwrap().expect_ok();
@@ -235,14 +292,23 @@ fn exhausted_range_fails_cleanly_and_status_says_so() {
     let before = node.links().unwrap();
     let ns = Netns::new("p").unwrap();
     let inv = node
-        .invoke("ADD", &unique("c"), Some(&ns.path()), "eth0", &node.conf("1.1.0"), &[])
+        .invoke(
+            "ADD",
+            &unique("c"),
+            Some(&ns.path()),
+            "eth0",
+            &node.conf("1.1.0"),
+            &[],
+        )
         .unwrap();
     assert_eq!(inv.code(), 101, "{}", inv.stdout);
     assert!(inv.json()["msg"].as_str().unwrap().contains("exhausted"));
     assert_eq!(node.links().unwrap(), before, "a failed ADD left links");
     assert!(!ns.exec("ip link show").unwrap().contains("eth0"));
     assert_eq!(node.allocations().len(), 2);
-    let st = node.invoke("STATUS", "", None, "", &node.conf("1.1.0"), &[]).unwrap();
+    let st = node
+        .invoke("STATUS", "", None, "", &node.conf("1.1.0"), &[])
+        .unwrap();
     assert_eq!(st.code(), 50);
 }
 
@@ -285,19 +351,79 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
     let long_id = "a".repeat(300);
     let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, u64)> = vec![
         ("malformed json", b"{\"cniVersion\":".to_vec(), vec![], 6),
-        ("unsupported version", with("cniVersion", json!("0.1.0")), vec![], 1),
-        ("network name escapes", with("name", json!("../../etc")), vec![], 7),
-        ("bad subnet", with("ipam", json!({"ranges": [[{"subnet": "10.0.0/24"}]]})), vec![], 7),
+        (
+            "unsupported version",
+            with("cniVersion", json!("0.1.0")),
+            vec![],
+            1,
+        ),
+        (
+            "network name escapes",
+            with("name", json!("../../etc")),
+            vec![],
+            7,
+        ),
+        (
+            "bad subnet",
+            with("ipam", json!({"ranges": [[{"subnet": "10.0.0/24"}]]})),
+            vec![],
+            7,
+        ),
         ("mtu wrong type", with("mtu", json!("big")), vec![], 7),
-        ("container id escapes", serde_json::to_vec(&good).unwrap(), vec![("CNI_CONTAINERID", "../../x")], 4),
-        ("container id too long", serde_json::to_vec(&good).unwrap(), vec![("CNI_CONTAINERID", long_id.as_str())], 4),
-        ("ifname too long", serde_json::to_vec(&good).unwrap(), vec![("CNI_IFNAME", "eth0123456789abc")], 4),
-        ("ifname with slash", serde_json::to_vec(&good).unwrap(), vec![("CNI_IFNAME", "a/b")], 4),
-        ("missing netns", serde_json::to_vec(&good).unwrap(), vec![("CNI_NETNS", "")], 4),
-        ("netns not a namespace", serde_json::to_vec(&good).unwrap(), vec![("CNI_NETNS", "/etc/hostname")], 4),
-        ("bad CNI_ARGS", serde_json::to_vec(&good).unwrap(), vec![("CNI_ARGS", "IP=300.1.1.1")], 4),
-        ("static IP outside range", serde_json::to_vec(&good).unwrap(), vec![("CNI_ARGS", "IgnoreUnknown=1;IP=10.99.0.5")], 102),
-        ("bad command", serde_json::to_vec(&good).unwrap(), vec![("CNI_COMMAND", "EXPLODE")], 4),
+        (
+            "container id escapes",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_CONTAINERID", "../../x")],
+            4,
+        ),
+        (
+            "container id too long",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_CONTAINERID", long_id.as_str())],
+            4,
+        ),
+        (
+            "ifname too long",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_IFNAME", "eth0123456789abc")],
+            4,
+        ),
+        (
+            "ifname with slash",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_IFNAME", "a/b")],
+            4,
+        ),
+        (
+            "missing netns",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_NETNS", "")],
+            4,
+        ),
+        (
+            "netns not a namespace",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_NETNS", "/etc/hostname")],
+            4,
+        ),
+        (
+            "bad CNI_ARGS",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_ARGS", "IP=300.1.1.1")],
+            4,
+        ),
+        (
+            "static IP outside range",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_ARGS", "IgnoreUnknown=1;IP=10.99.0.5")],
+            102,
+        ),
+        (
+            "bad command",
+            serde_json::to_vec(&good).unwrap(),
+            vec![("CNI_COMMAND", "EXPLODE")],
+            4,
+        ),
     ];
     let links_before = node.links().unwrap();
     for (what, stdin, env, code) in cases {

@@ -178,9 +178,8 @@ pub struct Invocation {
 
 impl Invocation {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!("stdout is not one JSON document ({e}): {:?}", self.stdout)
-        })
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {:?}", self.stdout))
     }
 
     /// The CNI error code, panicking if the call succeeded.
@@ -275,7 +274,10 @@ impl Node {
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_IFNAME", ifname)
-            .env("CNI_NETNS", netns.map(|p| p.display().to_string()).unwrap_or_default())
+            .env(
+                "CNI_NETNS",
+                netns.map(|p| p.display().to_string()).unwrap_or_default(),
+            )
             .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
             .envs(extra_env.iter().copied())
             .stdin(Stdio::piped())
@@ -304,7 +306,14 @@ impl Node {
     pub fn add_pod(&self, version: &str) -> Result<Pod<'_>> {
         let ns = Netns::new("p")?;
         let id = unique("c");
-        let inv = self.invoke("ADD", &id, Some(&ns.path()), "eth0", &self.conf(version), &[])?;
+        let inv = self.invoke(
+            "ADD",
+            &id,
+            Some(&ns.path()),
+            "eth0",
+            &self.conf(version),
+            &[],
+        )?;
         if !inv.ok {
             bail!("ADD failed: {} {}", inv.stdout, inv.stderr);
         }
@@ -331,12 +340,21 @@ impl Node {
 
     /// The IPAM state file's allocation lines.
     pub fn allocations(&self) -> Vec<String> {
-        let p = self.state.path.join("ipam").join(&self.name).join("allocations");
+        let p = self
+            .state
+            .path
+            .join("ipam")
+            .join(&self.name)
+            .join("allocations");
         std::fs::read_to_string(p)
             .unwrap_or_default()
             .lines()
             .filter(|l| l.split_whitespace().count() == 3 && l.parse::<IpAddr>().is_err())
-            .filter(|l| l.split_whitespace().next().is_some_and(|w| w.parse::<IpAddr>().is_ok()))
+            .filter(|l| {
+                l.split_whitespace()
+                    .next()
+                    .is_some_and(|w| w.parse::<IpAddr>().is_ok())
+            })
             .map(str::to_string)
             .collect()
     }
@@ -371,7 +389,10 @@ impl Pod<'_> {
     }
 
     pub fn host_veth(&self) -> String {
-        self.result["interfaces"][0]["name"].as_str().unwrap().to_string()
+        self.result["interfaces"][0]["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn conf_with_prev(&self) -> Value {
@@ -460,8 +481,11 @@ pub fn tcp_echo(server: &Netns, server_ip: IpAddr, client: &Netns, bytes: usize)
             }
             got += n;
         }
-        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-        srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        srv.join()
+            .map_err(|_| anyhow::anyhow!("server panicked"))??;
         Ok(got)
     })
 }

@@ -34,10 +34,16 @@ fn pods_talk_with_forwarding_off() {
     // Columns: ip ifindex from_pod from_bytes redirected redir_bytes redir_in via_stack drops
     let rb = row(b.ip());
     let redirected: u64 = rb[4].parse().unwrap();
-    assert!(redirected > 100, "b's stream should have been redirected: {rb:?}\n{stats}");
+    assert!(
+        redirected > 100,
+        "b's stream should have been redirected: {rb:?}\n{stats}"
+    );
     let ra = row(a.ip());
     let redirected_in: u64 = ra[6].parse().unwrap();
-    assert!(redirected_in > 100, "a should have received through the fast path: {ra:?}");
+    assert!(
+        redirected_in > 100,
+        "a should have received through the fast path: {ra:?}"
+    );
 }
 
 #[test]
@@ -47,9 +53,13 @@ fn node_reaches_its_pods_and_back() {
     }
     let node = Node::new("10.71.0.0/24").unwrap();
     let a = node.add_pod("1.1.0").unwrap();
+    // The node has an address of its own, as every node does.
+    node.ns.exec("ip addr add 192.0.2.1/32 dev lo").unwrap();
     // The node (kubelet probes, hostNetwork pods) to the pod and back.
     assert!(node.ns.ping(a.ip()), "node -> pod");
-    node.ns.exec("ip addr add 192.0.2.1/32 dev lo").unwrap();
-    assert!(a.ns.ping("192.0.2.1".parse().unwrap()), "pod -> node address");
+    assert!(
+        a.ns.ping("192.0.2.1".parse().unwrap()),
+        "pod -> node address"
+    );
     assert_eq!(tcp_echo(&a.ns, a.ip(), &node.ns, 1 << 20).unwrap(), 1 << 20);
 }
