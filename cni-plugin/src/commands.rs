@@ -73,16 +73,14 @@ fn setup(
     let mut host_nl = host_netlink()?;
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
     let alias = naming::host_veth_alias(&conf.name);
-    let link = pod::create(
-        &mut host_nl,
-        pod_nl,
-        netns,
-        &host_name,
-        &env.ifname,
-        &alias,
-        conf.mtu,
+    let spec = pod::PodSpec {
+        host_name: &host_name,
+        ifname: &env.ifname,
+        alias: &alias,
+        mtu: conf.mtu,
         ips,
-    )?;
+    };
+    let link = pod::create(&mut host_nl, pod_nl, netns, &spec)?;
     let endpoint = Endpoint {
         ifindex: link.host.index,
         flags: 0,

@@ -148,7 +148,9 @@ mod tests {
     #[test]
     fn errors_are_json_with_codes_and_nonzero_exit() {
         let conf = br#"{"cniVersion":"0.4.0","name":"n","type":"ferrite","ipam":{"subnet":"10.9.0.0/24"}}"#;
-        let cases: &[(&[(&str, &str)], &[u8], u32)] = &[
+        // (environment, stdin, expected code)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [u8], u32);
+        let cases: &[Case] = &[
             (&[], conf, 4),
             (&[("CNI_COMMAND", "ADD")], b"{", 6),
             (

@@ -38,6 +38,15 @@ pub fn open_netns(path: &Path) -> CniResult<File> {
     Ok(file)
 }
 
+/// What ADD asks for.
+pub struct PodSpec<'a> {
+    pub host_name: &'a str,
+    pub ifname: &'a str,
+    pub alias: &'a str,
+    pub mtu: u32,
+    pub ips: &'a [IpAddr],
+}
+
 /// What ADD made, as the datapath and the result need it.
 pub struct PodLink {
     pub host: Link,
@@ -52,12 +61,15 @@ pub fn create(
     host_nl: &mut Netlink,
     pod_nl: &mut Netlink,
     netns: &File,
-    host_name: &str,
-    ifname: &str,
-    alias: &str,
-    mtu: u32,
-    ips: &[IpAddr],
+    spec: &PodSpec<'_>,
 ) -> CniResult<PodLink> {
+    let PodSpec {
+        host_name,
+        ifname,
+        alias,
+        mtu,
+        ips,
+    } = *spec;
     let host_mac = naming::random_mac();
     let pod_mac = naming::random_mac();
     let host = VethEnd {

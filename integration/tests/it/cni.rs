@@ -160,7 +160,8 @@ fn check_reports_drift() {
         return;
     }
     let node = Node::new("10.53.0.0/24").unwrap();
-    let tamper: &[(&str, &dyn Fn(&crate::harness::Pod) -> String)] = &[
+    type Tamper<'a> = &'a dyn Fn(&crate::harness::Pod) -> String;
+    let tamper: &[(&str, Tamper)] = &[
         ("pod address", &|p| {
             p.ns.exec(&format!("ip addr del {}/32 dev eth0", p.ip()))
                 .unwrap();
@@ -349,7 +350,9 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
     };
     let netns = ns.path().display().to_string();
     let long_id = "a".repeat(300);
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, u64)> = vec![
+    // (what, stdin, extra environment, expected code)
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, u64);
+    let cases: Vec<Case> = vec![
         ("malformed json", b"{\"cniVersion\":".to_vec(), vec![], 6),
         (
             "unsupported version",
