@@ -132,8 +132,10 @@ impl CniOutput {
         for ip in raw.ips {
             let address: IpNetwork = ip
                 .address
-                .parse()
-                .map_err(|_| bad(format!("address {:?} is not CIDR notation", ip.address)))?;
+                .contains('/')
+                .then(|| ip.address.parse().ok())
+                .flatten()
+                .ok_or_else(|| bad(format!("address {:?} is not CIDR notation", ip.address)))?;
             let gateway = match ip.gateway {
                 Some(g) if !g.is_empty() => Some(
                     g.parse()
