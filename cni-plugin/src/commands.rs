@@ -24,7 +24,29 @@ fn host_netlink() -> CniResult<Netlink> {
 }
 
 pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
+    let started = std::time::Instant::now();
+    let mark =
+        |what: &str| log::debug!("{what} at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
     let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
+    // A veth of ours that is down is a retired or half-made one (a DEL
+    // whose reaper has not finished, a killed ADD): remove it now, which
+    // also removes its peer from the pod.
+    {
+        let mut host_nl = host_netlink()?;
+        let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
+        let alias = naming::host_veth_alias(&conf.name);
+        if let Some(l) = pod::find_host_veth(&mut host_nl, &host_name, &alias)? {
+            if !l.up {
+                match host_nl.link_del(l.index) {
+                    Ok(()) => {}
+                    Err(e) if e.errno() == Some(libc::ENODEV) => {}
+                    Err(e) => {
+                        return Err(pod::kernel_error("cannot remove a retired host veth", &e))
+                    }
+                }
+            }
+        }
+    }
     let netns = pod::open_netns(netns_path)?;
     let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
         .map_err(|e| pod::kernel_error("cannot open netlink in the pod namespace", &e))?;
@@ -43,14 +65,20 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
             ),
         ));
     }
+    mark("pod namespace open");
     // Pool validation is cheap and must fail before anything is touched.
     conf.pool()?;
     let (dp, outcome) = Datapath::open_or_load(&conf.bpffs_root)
         .map_err(|e| datapath_error("cannot load the eBPF datapath", &e))?;
-    log::debug!("datapath {:?} at {}", outcome, dp.version_dir().display());
+    mark(&format!(
+        "datapath {outcome:?} {}",
+        dp.version_dir().display()
+    ));
 
     let ips = addresses::allocate(conf, env)?;
+    mark("addresses allocated");
     let made = setup(conf, env, &dp, &netns, &mut pod_nl, &ips);
+    mark("pod set up");
     match made {
         Ok(out) => Ok(out),
         Err(err) => {
@@ -155,9 +183,13 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
     let mut host_nl = host_netlink()?;
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
     let alias = naming::host_veth_alias(&conf.name);
-    // Deleting the host veth takes the pod side, routes, neighbours and
-    // tc filters with it; CNI_NETNS is not needed and may be gone.
-    let deleted = pod::delete_host_veth(&mut host_nl, &host_name, &alias)?;
+    // Taking the host veth down cuts the pod off and drops its routes; the
+    // veth, its peer and its tc filters go with the reaper below.
+    // CNI_NETNS is not needed and may be gone.
+    let link = pod::find_host_veth(&mut host_nl, &host_name, &alias)?;
+    if let Some(l) = &link {
+        pod::retire(&mut host_nl, l)?;
+    }
 
     let ips = match &conf.ipam {
         Ipam::Builtin { .. } => addresses::held(conf, env)?,
@@ -170,7 +202,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
             .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?
         {
             for ip in &ips {
-                let ifindex = match (&deleted, dp.endpoint(*ip)) {
+                let ifindex = match (&link, dp.endpoint(*ip)) {
                     (Some(l), _) => l.index,
                     (None, Ok(Some(ep))) => ep.ifindex,
                     _ => continue,
@@ -187,6 +219,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         host_name,
         released
     );
+    pod::reap(host_nl, link.into_iter().collect());
     Ok(())
 }
 
@@ -455,23 +488,18 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
     let links = host_nl
         .link_list()
         .map_err(|e| pod::kernel_error("cannot list links", &e))?;
-    let mut removed_links = 0;
-    for l in links
-        .iter()
-        .filter(|l| l.alias.as_deref() == Some(alias.as_str()))
-    {
-        if valid_names.contains(&l.name) {
-            continue;
-        }
-        match host_nl.link_del(l.index) {
-            Ok(()) => removed_links += 1,
-            Err(e) if e.errno() == Some(libc::ENODEV) => {}
-            Err(e) => return Err(pod::kernel_error("cannot delete a stale host veth", &e)),
-        }
+    let stale: Vec<_> = links
+        .into_iter()
+        .filter(|l| l.alias.as_deref() == Some(alias.as_str()) && !valid_names.contains(&l.name))
+        .collect();
+    for l in &stale {
+        pod::retire(&mut host_nl, l)?;
     }
+    let removed_links = stale.len();
 
     let Some(pool) = conf.pool()? else {
         log::info!("gc: removed {removed_links} veths (IPAM is delegated)");
+        pod::reap(host_nl, stale);
         return Ok(());
     };
     let valid: HashSet<(&str, &str)> = valid
@@ -517,5 +545,6 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         "gc: removed {removed_links} veths, released {} addresses",
         released.len()
     );
+    pod::reap(host_nl, stale);
     Ok(())
 }

@@ -69,6 +69,8 @@ Invoked by a container runtime with CNI_COMMAND set, it speaks CNI
   ferrite version                          versions of the plugin and its datapath
   ferrite datapath load [--bpffs-root D]   load and pin the datapath now
   ferrite stats [--bpffs-root D]           per-endpoint counters from the pinned maps
+  ferrite allocations --network N [--state-dir D]
+                                           addresses the built-in IPAM holds: ip, container, ifname
 ";
 
 fn bpffs_root(args: &[String]) -> anyhow::Result<PathBuf> {
@@ -147,6 +149,20 @@ fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
                         drops.join(",")
                     }
                 )?;
+            }
+        }
+        Some("allocations") => {
+            let flag = |name: &str| {
+                args.iter()
+                    .position(|a| a == name)
+                    .and_then(|i| args.get(i + 1))
+                    .cloned()
+            };
+            let network = flag("--network").context("--network is required")?;
+            let dir = flag("--state-dir").unwrap_or_else(|| config::DEFAULT_STATE_DIR.into());
+            let store = ferrite_ipam::Store::open(std::path::Path::new(&dir), &network)?;
+            for (ip, owner) in store.read()?.records() {
+                writeln!(out, "{ip} {} {}", owner.container_id, owner.ifname)?;
             }
         }
         Some("help") | Some("--help") | Some("-h") => write!(out, "{USAGE}")?,

@@ -287,6 +287,18 @@ impl Netlink {
         )
     }
 
+    /// `ip link set <index> down`: the kernel also drops every route through it.
+    pub fn link_set_down(&mut self, index: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.change_mask = LinkFlags::Up;
+        self.request(
+            &format!("link set {index} down"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
     /// `ip link del <index>`
     pub fn link_del(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();

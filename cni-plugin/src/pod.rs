@@ -210,22 +210,72 @@ fn configure(
     Ok(())
 }
 
-/// Deletes the host veth `name` if ferrite made it for this network.
-/// Returns the deleted link, or None when there was nothing of ours.
-pub fn delete_host_veth(nl: &mut Netlink, name: &str, alias: &str) -> CniResult<Option<Link>> {
+/// The host veth `name` if ferrite made it for this network; a link of that
+/// name that is not ours is left alone, with a warning.
+pub fn find_host_veth(nl: &mut Netlink, name: &str, alias: &str) -> CniResult<Option<Link>> {
     let link = nl
         .link_get(name)
         .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
     match link {
-        Some(l) if l.alias.as_deref() == Some(alias) => match nl.link_del(l.index) {
-            Ok(()) => Ok(Some(l)),
-            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(kernel_error("cannot delete the host veth", &e)),
-        },
+        Some(l) if l.alias.as_deref() == Some(alias) => Ok(Some(l)),
         Some(_) => {
             log::warn!("{name} exists but is not ferrite's for this network: left alone");
             Ok(None)
         }
         None => Ok(None),
+    }
+}
+
+/// Takes a host veth out of service at once: down, which also removes
+/// every route through it and stops the pod's traffic, so its addresses can
+/// be handed out again immediately.
+pub fn retire(nl: &mut Netlink, link: &Link) -> CniResult<()> {
+    match nl.link_set_down(link.index) {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
+        Err(e) => Err(kernel_error("cannot set the host veth down", &e)),
+    }
+}
+
+/// Deletes retired links in a detached child process. Unregistering a
+/// veth waits for RCU grace periods (10-20 ms here), which is the kernel's
+/// housekeeping, not the pod's: the caller returns while it finishes. A
+/// reaper that dies leaves a down veth with ferrite's alias, which the next
+/// ADD for that container or any GC removes.
+pub fn reap(mut nl: Netlink, links: Vec<Link>) {
+    if links.is_empty() {
+        return;
+    }
+    // SAFETY: the plugin is single-threaded here (the namespace thread has
+    // been joined); the child only makes netlink requests and _exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            // SAFETY: plain syscalls on fds this process owns.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    // The runtime reads our stdout to EOF: let go of it.
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
+                }
+            }
+            for l in &links {
+                if let Err(e) = nl.link_del(l.index) {
+                    if e.errno() != Some(libc::ENODEV) {
+                        log::warn!("reaper: cannot delete {}: {e}", l.name);
+                    }
+                }
+            }
+            // SAFETY: ends the child without running the parent's exit path.
+            unsafe { libc::_exit(0) }
+        }
+        -1 => {
+            for l in &links {
+                let _ = nl.link_del(l.index);
+            }
+        }
+        _ => {}
     }
 }

@@ -65,7 +65,11 @@ fn add_check_del_every_version() {
         pod.del().unwrap().expect_ok();
         // DEL again succeeds and changes nothing.
         pod.del().unwrap().expect_ok();
-        assert_eq!(node.links().unwrap(), before, "{v}: links left behind");
+        assert_eq!(
+            node.links_settled().unwrap(),
+            before,
+            "{v}: links left behind"
+        );
         assert!(
             node.allocations().is_empty(),
             "{v}: {:?}",
@@ -146,7 +150,7 @@ fn del_without_netns_or_prev_result() {
     node.invoke("DEL", &id, None, "eth0", &node.conf("1.0.0"), &[])
         .unwrap()
         .expect_ok();
-    assert_eq!(node.links().unwrap(), before);
+    assert_eq!(node.links_settled().unwrap(), before);
     assert!(node.allocations().is_empty());
     // DEL of something never added is fine too.
     node.invoke("DEL", "never-added", None, "eth0", &node.conf("1.1.0"), &[])
@@ -219,7 +223,7 @@ fn gc_releases_unlisted_attachments() {
     node.invoke("GC", "", None, "", &c, &[])
         .unwrap()
         .expect_ok();
-    let links = node.links().unwrap();
+    let links = node.links_settled().unwrap();
     assert!(links.contains(&keep.host_veth()));
     assert!(!links.contains(&gone1.host_veth()));
     assert!(!links.contains(&gone2.host_veth()));

@@ -338,23 +338,43 @@ impl Node {
             .collect())
     }
 
-    /// The IPAM state file's allocation lines.
+    /// Host links once ferrite's teardowns have finished: DEL and GC take a
+    /// veth down at once and leave its deletion (the kernel's RCU waits) to
+    /// a detached reaper, so a retired veth may linger for some milliseconds.
+    pub fn links_settled(&self) -> Result<Vec<String>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.ns.exec("ip -o link show")?;
+            let dying = out.lines().any(|l| {
+                let name = l.split(": ").nth(1).unwrap_or("");
+                let flags = l
+                    .split('<')
+                    .nth(1)
+                    .and_then(|f| f.split('>').next())
+                    .unwrap_or("");
+                name.starts_with("fer") && !flags.split(',').any(|f| f == "UP")
+            });
+            if !dying || std::time::Instant::now() > deadline {
+                return self.links();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the IPAM store holds: "ip container ifname" lines.
     pub fn allocations(&self) -> Vec<String> {
-        let p = self
-            .state
-            .path
-            .join("ipam")
-            .join(&self.name)
-            .join("allocations");
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
+        let out = Command::new(ferrite_bin())
+            .args(["allocations", "--network", &self.name, "--state-dir"])
+            .arg(&self.state.path)
+            .output()
+            .expect("ferrite allocations");
+        assert!(
+            out.status.success(),
+            "ferrite allocations: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.split_whitespace().count() == 3 && l.parse::<IpAddr>().is_err())
-            .filter(|l| {
-                l.split_whitespace()
-                    .next()
-                    .is_some_and(|w| w.parse::<IpAddr>().is_ok())
-            })
             .map(str::to_string)
             .collect()
     }
@@ -488,4 +508,69 @@ pub fn tcp_echo(server: &Netns, server_ip: IpAddr, client: &Netns, bytes: usize)
             .map_err(|_| anyhow::anyhow!("server panicked"))??;
         Ok(got)
     })
+}
+
+/// Runs any CNI plugin binary inside `node`'s namespace, as libcni would:
+/// CNI_* variables, the plugin's own configuration on stdin, and a PATH
+/// (the reference plugins run `iptables`).
+pub fn invoke_plugin(
+    node: &Netns,
+    plugin: &Path,
+    command: &str,
+    container_id: &str,
+    netns: &Path,
+    stdin: &Value,
+) -> Result<Invocation> {
+    let file = File::open(node.path())?;
+    let fd = file.as_raw_fd();
+    let mut cmd = Command::new(plugin);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", netns)
+        .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe setns between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {}", plugin.display()))?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(stdin)?)?;
+    let out = child.wait_with_output()?;
+    Ok(Invocation {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// One endpoint's counters from `ferrite stats`: from_pod, from_bytes,
+/// redirected, redir_bytes, redir_in, via_stack.
+pub fn endpoint_counters(stats: &str, ip: IpAddr) -> [u64; 6] {
+    let ip = ip.to_string();
+    let row: Vec<&str> = stats
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|w| w.first() == Some(&ip.as_str()))
+        .unwrap_or_else(|| panic!("no row for {ip} in\n{stats}"));
+    let mut c = [0u64; 6];
+    for (i, v) in c.iter_mut().enumerate() {
+        *v = row[2 + i].parse().expect("counter is a number");
+    }
+    c
 }
