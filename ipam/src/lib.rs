@@ -20,7 +20,7 @@ mod state;
 mod store;
 
 pub use range::{Pool, Range, RangeConfig, RangeError, RangeSet};
-pub use state::{Allocation, IpamError, Owner, State};
+pub use state::{Allocation, IpamError, Owner, State, MAX_CONTAINER_ID, MAX_IFNAME};
 pub use store::{decode, encode, Locked, Store, StoreError};
 
 /// Any IPAM failure.

@@ -11,6 +11,12 @@ use thiserror::Error;
 
 use crate::range::{from_u128, to_u128, Pool, Range, RangeSet};
 
+/// The longest container id an [`Owner`] may have, in bytes (runtimes use
+/// 64 hex digits).
+pub const MAX_CONTAINER_ID: usize = 1024;
+/// The longest ifname an [`Owner`] may have, in bytes (Linux allows 15).
+pub const MAX_IFNAME: usize = 255;
+
 /// Who holds an address: one attachment, as CNI names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
@@ -27,16 +33,25 @@ impl Owner {
     }
 
     /// Both fields are non-empty and free of whitespace and control
-    /// characters, so the store's line format cannot be confused.
+    /// characters (so they print unambiguously), and short enough for one
+    /// store record: a container id of at most [`MAX_CONTAINER_ID`] bytes, an
+    /// ifname of at most [`MAX_IFNAME`].
     pub fn validate(&self) -> Result<(), IpamError> {
-        for (field, value) in [
-            ("container id", &self.container_id),
-            ("ifname", &self.ifname),
+        for (field, value, max) in [
+            ("container id", &self.container_id, MAX_CONTAINER_ID),
+            ("ifname", &self.ifname, MAX_IFNAME),
         ] {
             if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(IpamError::InvalidOwner {
                     field,
                     value: value.clone(),
+                });
+            }
+            if value.len() > max {
+                return Err(IpamError::OwnerTooLong {
+                    field,
+                    len: value.len(),
+                    max,
                 });
             }
         }
@@ -70,6 +85,12 @@ pub enum IpamError {
         "invalid {field} {value:?}: must be non-empty, without whitespace or control characters"
     )]
     InvalidOwner { field: &'static str, value: String },
+    #[error("{field} is {len} bytes long, more than the {max} the store allows")]
+    OwnerTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{family} {ranges} is exhausted ({total} addresses, all in use)")]
     Exhausted {
         set: usize,
@@ -627,6 +648,24 @@ mod tests {
                 Err(IpamError::InvalidOwner { .. })
             ));
         }
+        // Too long for one store record.
+        for (bad, field) in [
+            (
+                Owner::new("a".repeat(MAX_CONTAINER_ID + 1), "eth0"),
+                "container id",
+            ),
+            (Owner::new("abc", "e".repeat(MAX_IFNAME + 1)), "ifname"),
+        ] {
+            assert!(matches!(
+                state.allocate(&pool, &bad, &[]),
+                Err(IpamError::OwnerTooLong { field: f, .. }) if f == field
+            ));
+        }
+        // The longest allowed, and non-ASCII, are fine.
+        let long = Owner::new("é".repeat(MAX_CONTAINER_ID / 2), "i".repeat(MAX_IFNAME));
+        assert!(state.allocate(&pool, &long, &[]).is_ok());
+        state.release(&long);
+        state.last.clear();
         assert_eq!(state, State::new());
     }
 
