@@ -6,6 +6,8 @@ mod addresses;
 mod commands;
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod logging;
 mod naming;
 mod netlink;
