@@ -8,6 +8,7 @@ use ferrite_datapath::{Datapath, Endpoint};
 use ipnetwork::IpNetwork;
 
 use crate::addresses;
+use crate::bandwidth;
 use crate::config::{CniEnv, Ipam, NetConf};
 use crate::error::{CniError, CniResult, Code};
 use crate::naming::{self, format_mac, gateway_for};
@@ -108,10 +109,22 @@ fn setup(
         mtu: conf.mtu,
         ips,
     };
+    let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
     let link = pod::create(&mut host_nl, pod_nl, netns, &spec)?;
+    let shaped = bandwidth::apply(&limits, &mut host_nl, link.host.index, pod_nl, &env.ifname);
+    if let Err(err) = shaped {
+        if let Err(undo) = host_nl.link_del(link.host.index) {
+            log::warn!("rollback: cannot delete {host_name}: {undo}");
+        }
+        return Err(err);
+    }
     let endpoint = Endpoint {
         ifindex: link.host.index,
-        flags: 0,
+        flags: if limits.shapes_ingress() {
+            ferrite_datapath::ENDPOINT_F_SHAPED
+        } else {
+            0
+        },
         pod_mac: link.pod_mac,
         host_mac: link.host.mac,
     };

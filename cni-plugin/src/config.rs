@@ -39,13 +39,15 @@ pub enum Ipam {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Bandwidth {
-    #[serde(default)]
+    // containerd sends these capitalised (IngressRate), libcni's docs and
+    // podman in camelCase: accept both.
+    #[serde(default, alias = "IngressRate")]
     pub ingress_rate: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "IngressBurst")]
     pub ingress_burst: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "EgressRate")]
     pub egress_rate: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "EgressBurst")]
     pub egress_burst: Option<u64>,
 }
 
@@ -548,6 +550,14 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.runtime_config.ips, vec!["10.244.1.9/24".to_string()]);
+        // containerd's capitalised bandwidth keys.
+        let c = NetConf::parse(&conf(
+            r#","runtimeConfig":{"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":0,"EgressBurst":0}}"#,
+        ))
+        .unwrap();
+        let bw = c.runtime_config.bandwidth.unwrap();
+        assert_eq!(bw.ingress_rate, Some(10_000_000));
+        assert_eq!(bw.egress_rate, Some(0));
         assert_eq!(c.args_ips, vec!["10.244.1.10".to_string()]);
     }
 

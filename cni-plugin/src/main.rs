@@ -3,6 +3,7 @@
 //! subcommands (`ferrite help`).
 
 mod addresses;
+mod bandwidth;
 mod commands;
 mod config;
 mod error;

@@ -606,3 +606,40 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 fn nl_align(len: usize) -> usize {
     (len + 3) & !3
 }
+
+// ---------------------------------------------------------------------------
+// Queueing disciplines, for the bandwidth capability (see bandwidth.rs).
+// netlink-packet-route has no typed TBF options, so the caller passes the
+// option attributes as raw (type, payload) pairs.
+
+impl Netlink {
+    /// `tc qdisc add dev <index> root handle <major>: <kind> <options>`.
+    /// Fails with EEXIST if the device already has a root qdisc of its own.
+    pub fn qdisc_add_root(
+        &mut self,
+        index: u32,
+        major: u16,
+        kind: &str,
+        options: Vec<(u16, Vec<u8>)>,
+    ) -> Result<()> {
+        use netlink_packet_core::DefaultNla;
+        use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
+
+        let mut msg = TcMessage::default();
+        msg.header.index = index as i32;
+        msg.header.handle = TcHandle { major, minor: 0 };
+        msg.header.parent = TcHandle::ROOT;
+        msg.attributes.push(TcAttribute::Kind(kind.to_string()));
+        msg.attributes.push(TcAttribute::Options(
+            options
+                .into_iter()
+                .map(|(t, v)| TcOption::Other(DefaultNla::new(t, v)))
+                .collect(),
+        ));
+        self.request(
+            &format!("RTM_NEWQDISC {kind} root dev {index}"),
+            RouteNetlinkMessage::NewQueueDiscipline(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+}

@@ -3,7 +3,8 @@
  * from_pod: tc ingress of the host veth: packets leaving the pod.
  *
  * Drops anything whose source IP or MAC is not the pod's own, redirects
- * packets for another pod on this node straight into it (bpf_redirect_peer),
+ * packets for another pod on this node straight into it (bpf_redirect_peer,
+ * or through its host veth's egress when a qdisc shapes what it receives),
  * and hands everything else to the host stack.
  */
 #include <stddef.h>
@@ -101,6 +102,11 @@ static __always_inline int redirect_to(struct __sk_buff *skb,
 	if (dst_st) {
 		dst_st->redirected_in_packets++;
 		dst_st->redirected_in_bytes += skb->len;
+	}
+	if (dst->flags & ENDPOINT_F_SHAPED) {
+		/* Through the qdisc that limits what the pod receives. */
+		skb->mark = FERRITE_MARK_SHAPED;
+		return bpf_redirect(dst->ifindex, 0);
 	}
 	return bpf_redirect_peer(dst->ifindex, 0);
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * to_pod: tc egress of the host veth: packets the host stack delivers to the
- * pod. Packets from_pod redirects enter the pod directly and never pass here.
+ * pod. Packets from_pod redirects enter the pod directly and never pass here,
+ * except those for a shaped pod, which from_pod marks (FERRITE_MARK_SHAPED).
  *
  * Records the reverse tuple of each flow in ferrite_stkflow, so the pod's
  * answers go back through the host stack too: conntrack must see them to
@@ -82,10 +83,17 @@ static __always_inline void track_ipv6(void *l3, void *data_end)
 SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
-	struct endpoint_stats *st = stats_of(skb->ifindex);
+	struct endpoint_stats *st;
 	void *data, *data_end;
 	struct ethhdr *eth;
 
+	/* from_pod's fast path into a shaped pod: counted there already. */
+	if (skb->mark == FERRITE_MARK_SHAPED) {
+		skb->mark = 0;
+		return TC_ACT_OK;
+	}
+
+	st = stats_of(skb->ifindex);
 	if (st) {
 		st->to_pod_packets++;
 		st->to_pod_bytes += skb->len;

@@ -5,12 +5,18 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use crate::drop_reason::{DropReason, DROP_REASON_SLOTS};
 
+/// Traffic to this endpoint is shaped by a qdisc on its host veth: the fast
+/// path delivers through the veth's egress (`bpf_redirect`) instead of
+/// straight into the pod (`bpf_redirect_peer`, which skips qdiscs).
+/// Mirrors `ENDPOINT_F_SHAPED` in bpf/lib/common.h.
+pub const ENDPOINT_F_SHAPED: u32 = 1;
+
 /// A pod on this node, as `from_pod` needs it to check and redirect packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     /// The host veth.
     pub ifindex: u32,
-    /// Reserved; 0.
+    /// `ENDPOINT_F_*` bits.
     pub flags: u32,
     /// The pod's eth0.
     pub pod_mac: [u8; 6],

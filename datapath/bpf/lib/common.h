@@ -29,10 +29,25 @@ union v6addr {
 };
 _Static_assert(sizeof(union v6addr) == 16, "v6addr size");
 
+/*
+ * endpoint.flags: traffic to the pod is shaped by a qdisc on its host veth
+ * (the bandwidth capability), so the fast path enters the pod through the
+ * veth's egress (bpf_redirect) rather than bpf_redirect_peer, which skips
+ * qdiscs.
+ */
+#define ENDPOINT_F_SHAPED 0x1
+
+/*
+ * skb->mark from_pod sets on a packet it redirects to a shaped pod's host
+ * veth, so to_pod does not take it for a flow the host stack delivered.
+ * Crossing into the pod namespace scrubs marks; to_pod clears it anyway.
+ */
+#define FERRITE_MARK_SHAPED 0x46520001
+
 /* ferrite_endpts value: where a pod IP lives. */
 struct endpoint {
 	__u32 ifindex;		/* host veth */
-	__u32 flags;		/* reserved, 0 */
+	__u32 flags;		/* ENDPOINT_F_* */
 	__u8 pod_mac[6];	/* the pod's eth0 */
 	__u8 host_mac[6];	/* the host veth */
 	__u8 _pad[4];

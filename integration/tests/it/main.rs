@@ -1,6 +1,8 @@
 //! ferrite's privileged tests: one binary, a module per area.
 //! Each test skips with a reason when not root, and fails instead under CI=true.
 
+mod chaining;
 mod cni;
 mod harness;
+mod node;
 mod traffic;
