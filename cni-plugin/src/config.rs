@@ -550,6 +550,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.runtime_config.ips, vec!["10.244.1.9/24".to_string()]);
+        assert_eq!(c.args_ips, vec!["10.244.1.10".to_string()]);
         // containerd's capitalised bandwidth keys.
         let c = NetConf::parse(&conf(
             r#","runtimeConfig":{"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":0,"EgressBurst":0}}"#,
@@ -558,7 +559,6 @@ mod tests {
         let bw = c.runtime_config.bandwidth.unwrap();
         assert_eq!(bw.ingress_rate, Some(10_000_000));
         assert_eq!(bw.egress_rate, Some(0));
-        assert_eq!(c.args_ips, vec!["10.244.1.10".to_string()]);
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
