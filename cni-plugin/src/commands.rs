@@ -24,34 +24,41 @@ fn host_netlink() -> CniResult<Netlink> {
     Netlink::new().map_err(|e| pod::kernel_error("cannot open a netlink socket", &e))
 }
 
+/// The open handles one ADD works through.
+struct Handles {
+    host_nl: Netlink,
+    pod_nl: Netlink,
+    netns: std::fs::File,
+}
+
 pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     let started = std::time::Instant::now();
     let mark =
         |what: &str| log::debug!("{what} at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
     let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
+    // Everything that can be refused is refused before anything is touched.
+    conf.pool()?;
+    let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
+
+    let mut host_nl = host_netlink()?;
     // A veth of ours that is down is a retired or half-made one (a DEL
     // whose reaper has not finished, a killed ADD): remove it now, which
     // also removes its peer from the pod.
-    {
-        let mut host_nl = host_netlink()?;
-        let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
-        let alias = naming::host_veth_alias(&conf.name);
-        if let Some(l) = pod::find_host_veth(&mut host_nl, &host_name, &alias)? {
-            if !l.up {
-                match host_nl.link_del(l.index) {
-                    Ok(()) => {}
-                    Err(e) if e.errno() == Some(libc::ENODEV) => {}
-                    Err(e) => {
-                        return Err(pod::kernel_error("cannot remove a retired host veth", &e))
-                    }
-                }
+    let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
+    let alias = naming::host_veth_alias(&conf.name);
+    if let Some(l) = pod::find_host_veth(&mut host_nl, &host_name, &alias)? {
+        if !l.up {
+            match host_nl.link_del(l.index) {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(libc::ENODEV) => {}
+                Err(e) => return Err(pod::kernel_error("cannot remove a retired host veth", &e)),
             }
         }
     }
     let netns = pod::open_netns(netns_path)?;
     let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
         .map_err(|e| pod::kernel_error("cannot open netlink in the pod namespace", &e))?;
-    // Refuse before anything is allocated: the interface must not exist.
+    // The interface must not exist yet.
     if pod_nl
         .link_get(&env.ifname)
         .map_err(|e| pod::kernel_error("cannot look up the pod interface", &e))?
@@ -67,8 +74,6 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
         ));
     }
     mark("pod namespace open");
-    // Pool validation is cheap and must fail before anything is touched.
-    conf.pool()?;
     let (dp, outcome) = Datapath::open_or_load(&conf.bpffs_root)
         .map_err(|e| datapath_error("cannot load the eBPF datapath", &e))?;
     mark(&format!(
@@ -78,7 +83,12 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
 
     let ips = addresses::allocate(conf, env)?;
     mark("addresses allocated");
-    let made = setup(conf, env, &dp, &netns, &mut pod_nl, &ips);
+    let mut handles = Handles {
+        host_nl,
+        pod_nl,
+        netns,
+    };
+    let made = setup(conf, env, &dp, &mut handles, &ips, &limits);
     mark("pod set up");
     match made {
         Ok(out) => Ok(out),
@@ -95,11 +105,15 @@ fn setup(
     conf: &NetConf,
     env: &CniEnv,
     dp: &Datapath,
-    netns: &std::fs::File,
-    pod_nl: &mut Netlink,
+    handles: &mut Handles,
     ips: &[IpAddr],
+    limits: &bandwidth::Limits,
 ) -> CniResult<CniOutput> {
-    let mut host_nl = host_netlink()?;
+    let Handles {
+        host_nl,
+        pod_nl,
+        netns,
+    } = handles;
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
     let alias = naming::host_veth_alias(&conf.name);
     let spec = pod::PodSpec {
@@ -109,9 +123,8 @@ fn setup(
         mtu: conf.mtu,
         ips,
     };
-    let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
-    let link = pod::create(&mut host_nl, pod_nl, netns, &spec)?;
-    let shaped = bandwidth::apply(&limits, &mut host_nl, link.host.index, pod_nl, &env.ifname);
+    let link = pod::create(host_nl, pod_nl, netns, &spec)?;
+    let shaped = bandwidth::apply(limits, host_nl, link.host.index, pod_nl, &env.ifname);
     if let Err(err) = shaped {
         if let Err(undo) = host_nl.link_del(link.host.index) {
             log::warn!("rollback: cannot delete {host_name}: {undo}");
