@@ -41,17 +41,28 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
 
     let mut host_nl = host_netlink()?;
-    // A veth of ours that is down is a retired or half-made one (a DEL
-    // whose reaper has not finished, a killed ADD): remove it now, which
-    // also removes its peer from the pod.
+    let (dp, outcome) = Datapath::open_or_load(&conf.bpffs_root)
+        .map_err(|e| datapath_error("cannot load the eBPF datapath", &e))?;
+    mark(&format!(
+        "datapath {outcome:?} {}",
+        dp.version_dir().display()
+    ));
+    // A veth of ours that is down or lacks the completion alias is a
+    // retired or half-made one (a DEL whose reaper has not finished, a
+    // killed ADD): remove it and whatever map entries point at it; its peer
+    // leaves the pod with it.
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
+    let group = naming::host_veth_group(&conf.name);
     let alias = naming::host_veth_alias(&conf.name);
-    if let Some(l) = pod::find_host_veth(&mut host_nl, &host_name, &alias)? {
-        if !l.up {
+    if let Some(l) = pod::find_host_veth(&mut host_nl, &host_name, group)? {
+        if !l.up || l.alias.as_deref() != Some(alias.as_str()) {
+            log::info!("removing {} left by an earlier attempt", l.name);
+            dp.forget_interface(l.index)
+                .map_err(|e| datapath_error("cannot clear a half-made endpoint", &e))?;
             match host_nl.link_del(l.index) {
                 Ok(()) => {}
                 Err(e) if e.errno() == Some(libc::ENODEV) => {}
-                Err(e) => return Err(pod::kernel_error("cannot remove a retired host veth", &e)),
+                Err(e) => return Err(pod::kernel_error("cannot remove a half-made host veth", &e)),
             }
         }
     }
@@ -83,6 +94,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
 
     let ips = addresses::allocate(conf, env)?;
     mark("addresses allocated");
+    crate::failpoint::hit("add-allocated");
     let mut handles = Handles {
         host_nl,
         pod_nl,
@@ -115,11 +127,10 @@ fn setup(
         netns,
     } = handles;
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
-    let alias = naming::host_veth_alias(&conf.name);
     let spec = pod::PodSpec {
         host_name: &host_name,
         ifname: &env.ifname,
-        alias: &alias,
+        group: naming::host_veth_group(&conf.name),
         mtu: conf.mtu,
         ips,
     };
@@ -141,15 +152,21 @@ fn setup(
         pod_mac: link.pod_mac,
         host_mac: link.host.mac,
     };
+    crate::failpoint::hit("add-configured");
     let wired = dp
         .attach(link.host.index)
         .map_err(|e| datapath_error("cannot attach the datapath to the host veth", &e))
         .and_then(|()| {
+            crate::failpoint::hit("add-attached");
             for ip in ips {
                 dp.upsert_endpoint(*ip, &endpoint)
                     .map_err(|e| datapath_error("cannot add the endpoint to the map", &e))?;
             }
-            Ok(())
+            crate::failpoint::hit("add-mapped");
+            // Last: the alias that says this pod is complete.
+            host_nl
+                .link_set_alias(link.host.index, &naming::host_veth_alias(&conf.name))
+                .map_err(|e| pod::kernel_error("cannot mark the host veth complete", &e))
         });
     if let Err(err) = wired {
         for ip in ips {
@@ -208,14 +225,18 @@ fn setup(
 pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
     let mut host_nl = host_netlink()?;
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
-    let alias = naming::host_veth_alias(&conf.name);
     // Taking the host veth down cuts the pod off and drops its routes; the
     // veth, its peer and its tc filters go with the reaper below.
     // CNI_NETNS is not needed and may be gone.
-    let link = pod::find_host_veth(&mut host_nl, &host_name, &alias)?;
+    let link = pod::find_host_veth(
+        &mut host_nl,
+        &host_name,
+        naming::host_veth_group(&conf.name),
+    )?;
     if let Some(l) = &link {
         pod::retire(&mut host_nl, l)?;
     }
+    crate::failpoint::hit("del-retired");
 
     let ips = match &conf.ipam {
         Ipam::Builtin { .. } => addresses::held(conf, env)?,
@@ -223,22 +244,27 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
     };
     // Map entries go before the address is released, so a released address
     // never still points at the old pod.
-    if !ips.is_empty() {
-        if let Some(dp) = Datapath::open(&conf.bpffs_root)
-            .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?
-        {
-            for ip in &ips {
-                let ifindex = match (&link, dp.endpoint(*ip)) {
-                    (Some(l), _) => l.index,
-                    (None, Ok(Some(ep))) => ep.ifindex,
-                    _ => continue,
-                };
-                dp.remove_endpoint(*ip, ifindex)
-                    .map_err(|e| datapath_error("cannot remove the endpoint from the map", &e))?;
-            }
+    if let Some(dp) = Datapath::open(&conf.bpffs_root)
+        .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?
+    {
+        for ip in &ips {
+            let ifindex = match (&link, dp.endpoint(*ip)) {
+                (Some(l), _) => l.index,
+                (None, Ok(Some(ep))) => ep.ifindex,
+                _ => continue,
+            };
+            dp.remove_endpoint(*ip, ifindex)
+                .map_err(|e| datapath_error("cannot remove the endpoint from the map", &e))?;
+        }
+        if let (Some(l), true) = (&link, ips.is_empty()) {
+            // No address on record (a half-made pod): whatever points at it.
+            dp.forget_interface(l.index)
+                .map_err(|e| datapath_error("cannot clear the endpoint", &e))?;
         }
     }
+    crate::failpoint::hit("del-unmapped");
     let released = addresses::release(conf, env)?;
+    crate::failpoint::hit("del-released");
     log::info!(
         "deleted {} (veth {}) released={:?}",
         env.ifname,
@@ -297,9 +323,11 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
         .link_get(&host_name)
         .map_err(|e| pod::kernel_error("cannot look up the host veth", &e))?
         .ok_or_else(|| drift(format!("host veth {host_name} is missing")))?;
-    if host.alias.as_deref() != Some(naming::host_veth_alias(&conf.name).as_str()) {
+    if host.group != naming::host_veth_group(&conf.name)
+        || host.alias.as_deref() != Some(naming::host_veth_alias(&conf.name).as_str())
+    {
         return Err(drift(format!(
-            "host veth {host_name} is not marked as ferrite's"
+            "host veth {host_name} is not marked as a complete ferrite pod"
         )));
     }
     if !host.up {
@@ -505,7 +533,7 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         .iter()
         .map(|a| naming::host_veth_name(&a.container_id, &a.ifname))
         .collect();
-    let alias = naming::host_veth_alias(&conf.name);
+    let group = naming::host_veth_group(&conf.name);
     let mut host_nl = host_netlink()?;
     let dp = Datapath::open(&conf.bpffs_root)
         .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?;
@@ -516,10 +544,14 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         .map_err(|e| pod::kernel_error("cannot list links", &e))?;
     let stale: Vec<_> = links
         .into_iter()
-        .filter(|l| l.alias.as_deref() == Some(alias.as_str()) && !valid_names.contains(&l.name))
+        .filter(|l| l.group == group && l.name.starts_with("fer") && !valid_names.contains(&l.name))
         .collect();
     for l in &stale {
         pod::retire(&mut host_nl, l)?;
+        if let Some(dp) = &dp {
+            dp.forget_interface(l.index)
+                .map_err(|e| datapath_error("cannot clear a stale endpoint", &e))?;
+        }
     }
     let removed_links = stale.len();
 

@@ -7,6 +7,7 @@ mod bandwidth;
 mod commands;
 mod config;
 mod error;
+mod failpoint;
 #[cfg(test)]
 mod fuzz;
 mod logging;
@@ -72,6 +73,7 @@ Invoked by a container runtime with CNI_COMMAND set, it speaks CNI
   ferrite version                          versions of the plugin and its datapath
   ferrite datapath load [--bpffs-root D]   load and pin the datapath now
   ferrite stats [--bpffs-root D]           per-endpoint counters from the pinned maps
+  ferrite failpoints                       crash-test points (FERRITE_FAILPOINT=<point>)
   ferrite allocations --network N [--state-dir D]
                                            addresses the built-in IPAM holds: ip, container, ifname
 ";
@@ -166,6 +168,11 @@ fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
             let store = ferrite_ipam::Store::open(std::path::Path::new(&dir), &network)?;
             for (ip, owner) in store.read()?.records() {
                 writeln!(out, "{ip} {} {}", owner.container_id, owner.ifname)?;
+            }
+        }
+        Some("failpoints") => {
+            for p in failpoint::POINTS {
+                writeln!(out, "{p}")?;
             }
         }
         Some("help") | Some("--help") | Some("-h") => write!(out, "{USAGE}")?,

@@ -31,10 +31,24 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("fer{:012x}", h >> 16)
 }
 
-/// The alias ferrite puts on every host veth it creates: its mark of
-/// ownership. DEL and GC delete only links that carry it.
+/// The alias ADD puts on a host veth as its last step: the pod is complete.
+/// A veth of ours without it is one a killed ADD left half made.
 pub fn host_veth_alias(network: &str) -> String {
     format!("ferrite/{network}")
+}
+
+/// The device group every host veth of `network` is created in (set in the
+/// create message itself, so even a veth whose ADD was killed a moment later
+/// carries it): ferrite's mark of ownership. DEL, GC and ADD remove only
+/// links named like ferrite's veths that carry their network's group. The
+/// high bit keeps it clear of the small groups people assign by hand.
+pub fn host_veth_group(network: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in b"ferrite/".iter().chain(network.as_bytes()) {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h | 0x8000_0000
 }
 
 /// A random unicast, locally administered MAC address.
@@ -75,6 +89,13 @@ mod tests {
         assert!(a.starts_with("fer"));
         assert_ne!(a, host_veth_name("c0ffee", "eth1"));
         assert_ne!(a, host_veth_name("c0ffe", "eeth0"));
+    }
+
+    #[test]
+    fn groups_are_per_network_and_high() {
+        assert_eq!(host_veth_group("a"), host_veth_group("a"));
+        assert_ne!(host_veth_group("a"), host_veth_group("b"));
+        assert!(host_veth_group("k8s-pod-network") >= 0x8000_0000);
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub struct Link {
     pub mtu: u32,
     pub up: bool,
     pub alias: Option<String>,
+    pub group: u32,
     pub kind: Option<String>,
 }
 
@@ -238,11 +239,12 @@ impl Netlink {
             })
     }
 
-    /// `ip link add <host> mtu M address A type veth peer name <peer> netns <fd> mtu M address B`
+    /// `ip link add <host> mtu M address A group G type veth peer name <peer> netns <fd> mtu M address B`
     /// in one RTM_NEWLINK. Fails with EEXIST if either name is taken.
     pub fn link_add_veth(
         &mut self,
         host: &VethEnd<'_>,
+        host_group: u32,
         peer: &VethEnd<'_>,
         peer_netns: BorrowedFd<'_>,
     ) -> Result<()> {
@@ -258,6 +260,7 @@ impl Netlink {
             LinkAttribute::IfName(host.name.to_string()),
             LinkAttribute::Mtu(host.mtu),
             LinkAttribute::Address(host.mac.to_vec()),
+            LinkAttribute::Group(host_group),
             LinkAttribute::LinkInfo(vec![
                 LinkInfo::Kind(InfoKind::Veth),
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
@@ -282,6 +285,19 @@ impl Netlink {
         }
         self.request(
             &format!("link set {index} up"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
+    /// `ip link set <index> alias A`
+    pub fn link_set_alias(&mut self, index: u32, alias: &str) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        self.request(
+            &format!("link set {index} alias {alias}"),
             RouteNetlinkMessage::SetLink(msg),
             0,
         )
@@ -565,6 +581,7 @@ impl Link {
             mtu: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
             alias: None,
+            group: 0,
             kind: None,
         };
         for attr in &msg.attributes {
@@ -573,6 +590,7 @@ impl Link {
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
                 LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
+                LinkAttribute::Group(g) => link.group = *g,
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {

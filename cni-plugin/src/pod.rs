@@ -42,7 +42,8 @@ pub fn open_netns(path: &Path) -> CniResult<File> {
 pub struct PodSpec<'a> {
     pub host_name: &'a str,
     pub ifname: &'a str,
-    pub alias: &'a str,
+    /// The network's device group: ferrite's mark on the host veth.
+    pub group: u32,
     pub mtu: u32,
     pub ips: &'a [IpAddr],
 }
@@ -66,7 +67,7 @@ pub fn create(
     let PodSpec {
         host_name,
         ifname,
-        alias,
+        group,
         mtu,
         ips,
     } = *spec;
@@ -82,7 +83,7 @@ pub fn create(
         mtu,
         mac: pod_mac,
     };
-    if let Err(e) = host_nl.link_add_veth(&host, &peer, netns.as_fd()) {
+    if let Err(e) = host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
         if e.errno() != Some(libc::EEXIST) {
             return Err(kernel_error("cannot create the veth pair", &e));
         }
@@ -93,12 +94,12 @@ pub fn create(
             .link_get(host_name)
             .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
         match leftover {
-            Some(l) if l.alias.as_deref() == Some(alias) => {
+            Some(l) if l.group == group => {
                 host_nl
                     .link_del(l.index)
                     .map_err(|e| kernel_error("cannot remove a leftover host veth", &e))?;
                 host_nl
-                    .link_add_veth(&host, &peer, netns.as_fd())
+                    .link_add_veth(&host, group, &peer, netns.as_fd())
                     .map_err(|e| kernel_error("cannot create the veth pair", &e))?;
             }
             Some(_) => {
@@ -120,7 +121,8 @@ pub fn create(
         }
         Err(e) => return Err(kernel_error("cannot look up the host veth", &e)),
     };
-    let configured = configure(host_nl, pod_nl, &host_link, ifname, alias, pod_mac, ips);
+    crate::failpoint::hit("add-veth-created");
+    let configured = configure(host_nl, pod_nl, &host_link, ifname, pod_mac, ips);
     match configured {
         Ok(()) => Ok(PodLink {
             host: host_link,
@@ -140,13 +142,12 @@ fn configure(
     pod_nl: &mut Netlink,
     host: &Link,
     ifname: &str,
-    alias: &str,
     pod_mac: [u8; 6],
     ips: &[IpAddr],
 ) -> CniResult<()> {
     let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
     host_nl
-        .link_set_up(host.index, Some(alias))
+        .link_set_up(host.index, None)
         .map_err(k("cannot set the host veth up"))?;
 
     // Pod side: lo up, address, eth0 up, gateway neighbour, default route.
@@ -210,14 +211,15 @@ fn configure(
     Ok(())
 }
 
-/// The host veth `name` if ferrite made it for this network; a link of that
-/// name that is not ours is left alone, with a warning.
-pub fn find_host_veth(nl: &mut Netlink, name: &str, alias: &str) -> CniResult<Option<Link>> {
+/// The host veth `name` if ferrite made it for this network (it carries the
+/// network's device group); a link of that name that is not ours is left
+/// alone, with a warning.
+pub fn find_host_veth(nl: &mut Netlink, name: &str, group: u32) -> CniResult<Option<Link>> {
     let link = nl
         .link_get(name)
         .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
     match link {
-        Some(l) if l.alias.as_deref() == Some(alias) => Ok(Some(l)),
+        Some(l) if l.group == group => Ok(Some(l)),
         Some(_) => {
             log::warn!("{name} exists but is not ferrite's for this network: left alone");
             Ok(None)
@@ -240,7 +242,7 @@ pub fn retire(nl: &mut Netlink, link: &Link) -> CniResult<()> {
 /// Deletes retired links in a detached child process. Unregistering a
 /// veth waits for RCU grace periods (10-20 ms here), which is the kernel's
 /// housekeeping, not the pod's: the caller returns while it finishes. A
-/// reaper that dies leaves a down veth with ferrite's alias, which the next
+/// reaper that dies leaves a down veth in ferrite's group, which the next
 /// ADD for that container or any GC removes.
 pub fn reap(mut nl: Netlink, links: Vec<Link>) {
     if links.is_empty() {

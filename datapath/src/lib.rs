@@ -202,6 +202,16 @@ impl Datapath {
         Ok(self.maps.remove_endpoint(ip, ifindex)?)
     }
 
+    /// Host ifindexes that have counters or an interface entry.
+    pub fn interfaces(&self) -> Result<Vec<u32>, DatapathError> {
+        Ok(self.maps.interfaces()?)
+    }
+
+    /// Removes every endpoint entry, counter and interface entry of `ifindex`.
+    pub fn forget_interface(&self, ifindex: u32) -> Result<(), DatapathError> {
+        Ok(self.maps.forget_interface(ifindex)?)
+    }
+
     pub fn endpoint(&self, ip: IpAddr) -> Result<Option<Endpoint>, DatapathError> {
         Ok(self.maps.endpoint(ip)?)
     }

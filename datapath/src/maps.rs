@@ -126,6 +126,21 @@ impl Maps {
         Ok(())
     }
 
+    /// Removes everything that points at `ifindex`: endpoint entries (a
+    /// scan of the map), counters and the interface entry. For veths whose
+    /// addresses are not known, such as one a killed ADD left behind.
+    pub fn forget_interface(&self, ifindex: u32) -> Result<(), MapError> {
+        for (ip, ep) in self.endpoints()? {
+            if ep.ifindex == ifindex {
+                self.remove_endpoint(ip, ifindex)?;
+            }
+        }
+        let key = ifindex_key(ifindex);
+        sys::map_delete(self.ifaces.as_fd(), key.as_bytes()).map_err(on(crate::pin::IFACES_MAP))?;
+        sys::map_delete(self.stats.as_fd(), key.as_bytes()).map_err(on(crate::pin::STATS_MAP))?;
+        Ok(())
+    }
+
     pub fn endpoint(&self, ip: IpAddr) -> Result<Option<Endpoint>, MapError> {
         self.endpoint_by_key(&ip_key(ip))
     }
@@ -135,6 +150,31 @@ impl Maps {
         let found = sys::map_lookup(self.endpoints.as_fd(), key, &mut buf)
             .map_err(on(crate::pin::ENDPOINTS_MAP))?;
         Ok(found.then(|| RawEndpoint::from_bytes(&buf).into()))
+    }
+
+    /// The host ifindexes that have counters or an interface entry.
+    pub fn interfaces(&self) -> Result<Vec<u32>, MapError> {
+        let mut out = Vec::new();
+        for (fd, name) in [
+            (self.stats.as_fd(), crate::pin::STATS_MAP),
+            (self.ifaces.as_fd(), crate::pin::IFACES_MAP),
+        ] {
+            let mut key: Option<[u8; 4]> = None;
+            loop {
+                let mut next = [0u8; 4];
+                let more = sys::map_next_key(fd, key.as_ref().map(|k| &k[..]), &mut next)
+                    .map_err(on(name))?;
+                if !more {
+                    break;
+                }
+                let ifindex = u32::from_ne_bytes(next);
+                if !out.contains(&ifindex) {
+                    out.push(ifindex);
+                }
+                key = Some(next);
+            }
+        }
+        Ok(out)
     }
 
     pub fn endpoints(&self) -> Result<Vec<(IpAddr, Endpoint)>, MapError> {

@@ -5,4 +5,5 @@ mod chaining;
 mod cni;
 mod harness;
 mod node;
+mod reliability;
 mod traffic;
