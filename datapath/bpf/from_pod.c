@@ -35,7 +35,17 @@ struct arp_eth {
 } __attribute__((packed));
 _Static_assert(sizeof(struct arp_eth) == 28, "arp_eth size");
 
-/* The sender of an ARP packet must be the pod itself, on its own veth. */
+/* The pod's IPv4 gateway, 169.254.1.1, in network order. */
+#define GATEWAY_V4 bpf_htonl(0xa9fe0101)
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY 2
+
+/*
+ * The sender of an ARP packet must be the pod itself, on its own veth.
+ * A request for the gateway is answered here, with the host veth's MAC,
+ * for a pod that lost its permanent neighbour entry (changing a MAC flushes
+ * the table): nothing on the host owns 169.254.1.1 to answer it.
+ */
 static __always_inline int handle_arp(struct ethhdr *eth, void *data_end,
 				      __u32 ifindex)
 {
@@ -57,7 +67,19 @@ static __always_inline int handle_arp(struct ethhdr *eth, void *data_end,
 	if (!ep || ep->ifindex != ifindex || !mac_eq(ep->pod_mac, arp->sha) ||
 	    !mac_eq(ep->pod_mac, eth->h_source))
 		return DROP_ARP_SPOOF;
-	return TC_ACT_OK;
+
+	__builtin_memcpy(&ip, arp->tip, sizeof(ip));
+	if (arp->ar_op != bpf_htons(ARPOP_REQUEST) || ip != GATEWAY_V4)
+		return TC_ACT_OK;
+	arp->ar_op = bpf_htons(ARPOP_REPLY);
+	__builtin_memcpy(arp->tha, ep->pod_mac, ETH_ALEN);
+	__builtin_memcpy(arp->tip, arp->sip, 4);
+	__builtin_memcpy(arp->sha, ep->host_mac, ETH_ALEN);
+	__builtin_memcpy(arp->sip, &ip, 4);
+	__builtin_memcpy(eth->h_dest, ep->pod_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, ep->host_mac, ETH_ALEN);
+	/* Back out of the host veth, into the pod. */
+	return bpf_redirect(ifindex, 0);
 }
 
 /* Source IP must belong to this veth's endpoint, source MAC to its pod. */

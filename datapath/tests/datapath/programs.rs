@@ -151,10 +151,36 @@ fn arp_must_come_from_the_pod_itself() {
         let request =
             |sha, spa, eth_src| eth(bcast, eth_src, ETH_P_ARP, &arp(1, sha, spa, [0; 6], gw));
 
-        let ok =
+        // The pod asking for its gateway is answered from the host veth's MAC,
+        // straight back into the pod.
+        let answered =
             t.dp.test_run(Program::FromPod, &request(a.mac, v4(a.ip), a.mac), 1)
                 .unwrap();
+        assert_eq!(
+            answered.verdict, TC_ACT_REDIRECT,
+            "the pod's own ARP for the gateway"
+        );
+        let reply = eth(
+            a.mac,
+            a.host_mac,
+            ETH_P_ARP,
+            &arp(2, a.host_mac, gw, a.mac, v4(a.ip)),
+        );
+        assert_eq!(
+            &answered.packet[..reply.len()],
+            &reply[..],
+            "an ARP reply for 169.254.1.1"
+        );
+        // Any other ARP of the pod's own passes to the stack untouched.
+        let other = eth(
+            bcast,
+            a.mac,
+            ETH_P_ARP,
+            &arp(1, a.mac, v4(a.ip), [0; 6], v4(b.ip)),
+        );
+        let ok = t.dp.test_run(Program::FromPod, &other, 1).unwrap();
         assert_eq!(ok.verdict, TC_ACT_OK, "the pod's own ARP");
+        assert_eq!(ok.packet, other);
 
         let forged = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x01];
         for (what, pkt) in [

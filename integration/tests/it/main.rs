@@ -6,4 +6,5 @@ mod cni;
 mod harness;
 mod node;
 mod reliability;
+mod security;
 mod traffic;

@@ -1,0 +1,126 @@
+//! A pod cannot pretend to be another: forged source addresses, MACs and
+//! ARP reach nobody and are counted; ferrite's pins and state are root's.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::harness::{privileged, Node};
+
+/// The drop counter `reason` of the endpoint `ip` in `ferrite stats`.
+fn drops(node: &Node, ip: std::net::IpAddr, reason: &str) -> u64 {
+    let stats = node.stats().unwrap();
+    let row = stats
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(ip.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no row for {ip}:\n{stats}"));
+    row.split_whitespace()
+        .last()
+        .unwrap()
+        .split(',')
+        .find_map(|d| d.strip_prefix(&format!("{reason}=")))
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[test]
+fn forged_sources_reach_nobody_and_are_counted() {
+    if !privileged("forged_sources_reach_nobody_and_are_counted") {
+        return;
+    }
+    let node = Node::new("10.83.0.0/24").unwrap();
+    let a = node.add_pod("1.1.0").unwrap();
+    let b = node.add_pod("1.1.0").unwrap();
+    let c = node.add_pod("1.1.0").unwrap();
+    assert!(a.ns.ping(b.ip()));
+
+    // A source address nobody was given.
+    a.ns.exec("ip addr add 10.83.0.250/32 dev eth0").unwrap();
+    assert!(!a
+        .ns
+        .exec_status(&format!("busybox ping -c 2 -W 1 -I 10.83.0.250 {}", b.ip())));
+    assert!(
+        drops(&node, a.ip(), "SPOOFED_IP") >= 2,
+        "{}",
+        node.stats().unwrap()
+    );
+
+    // Another pod's address, towards a third pod.
+    a.ns.exec(&format!("ip addr add {}/32 dev eth0", b.ip()))
+        .unwrap();
+    let before = drops(&node, a.ip(), "SPOOFED_IP");
+    assert!(!a
+        .ns
+        .exec_status(&format!("busybox ping -c 2 -W 1 -I {} {}", b.ip(), c.ip())));
+    assert!(drops(&node, a.ip(), "SPOOFED_IP") >= before + 2);
+    // ARP claiming another pod's address.
+    let before = drops(&node, a.ip(), "ARP_SPOOF");
+    let _ = a.ns.exec_status(&format!(
+        "busybox arping -U -c 2 -w 1 -I eth0 -s {} {}",
+        b.ip(),
+        b.ip()
+    ));
+    assert!(
+        drops(&node, a.ip(), "ARP_SPOOF") >= 1,
+        "{}",
+        node.stats().unwrap()
+    );
+
+    a.ns.exec(&format!("ip addr del {}/32 dev eth0", b.ip()))
+        .unwrap();
+
+    // A forged MAC: nothing passes until the pod's own MAC is back.
+    let mac = a.result["interfaces"][1]["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.ns.exec("ip link set eth0 address 02:de:ad:be:ef:01")
+        .unwrap();
+    assert!(!a
+        .ns
+        .exec_status(&format!("busybox ping -c 2 -W 1 {}", b.ip())));
+    assert!(
+        drops(&node, a.ip(), "SPOOFED_MAC") >= 1,
+        "{}",
+        node.stats().unwrap()
+    );
+    a.ns.exec(&format!("ip link set eth0 address {mac}"))
+        .unwrap();
+    assert!(a.ns.ping(b.ip()), "the pod works again with its own MAC");
+    // The victims never saw a forged packet from a: b and c only dropped nothing.
+    assert_eq!(drops(&node, b.ip(), "SPOOFED_IP"), 0);
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn pins_and_state_are_root_only() {
+    if !privileged("pins_and_state_are_root_only") {
+        return;
+    }
+    let node = Node::new("10.84.0.0/24").unwrap();
+    let _a = node.add_pod("1.1.0").unwrap();
+    let root = node.bpffs.path.join("ferrite");
+    assert_eq!(mode(&root), 0o700, "{}", root.display());
+    let mut pins = 0;
+    for dir in std::fs::read_dir(&root).unwrap() {
+        let dir = dir.unwrap().path();
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        for pin in std::fs::read_dir(&dir).unwrap() {
+            let pin = pin.unwrap().path();
+            assert_eq!(mode(&pin) & 0o077, 0, "{} is open to others", pin.display());
+            pins += 1;
+        }
+    }
+    assert!(pins >= 6, "programs and maps are pinned");
+    let ipam = node.state.path.join("ipam");
+    assert_eq!(mode(&ipam), 0o700);
+    let net = ipam.join(&node.name);
+    assert_eq!(mode(&net), 0o700);
+    for f in std::fs::read_dir(&net).unwrap() {
+        let f = f.unwrap().path();
+        assert_eq!(mode(&f) & 0o077, 0, "{} is open to others", f.display());
+    }
+    assert_eq!(mode(&node.state.path.join("cni.log")), 0o600);
+}
