@@ -39,6 +39,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     // Everything that can be refused is refused before anything is touched.
     conf.pool()?;
     let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
+    let netns = pod::open_netns(netns_path)?;
 
     let mut host_nl = host_netlink()?;
     let (dp, outcome) = Datapath::open_or_load(&conf.bpffs_root)
@@ -66,7 +67,6 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
             }
         }
     }
-    let netns = pod::open_netns(netns_path)?;
     let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
         .map_err(|e| pod::kernel_error("cannot open netlink in the pod namespace", &e))?;
     // The interface must not exist yet.

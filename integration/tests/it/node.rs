@@ -278,8 +278,10 @@ fn service_dnat_between_pods() {
     assert!(ad[0] > 50, "backend sent replies: {ad:?}");
     assert_eq!(ad[2], 0, "no Service reply may take the redirect: {ad:?}");
     assert_eq!(bd[4], 0, "the client got no redirected packet: {bd:?}");
+    // The backend's own neighbour discovery and router solicitations also
+    // count as sent, and go to the node, not the client: allow a few.
     assert!(
-        bd[5] >= ad[0],
+        bd[5] + 8 >= ad[0],
         "every reply reached the client through the stack: {ad:?} {bd:?}"
     );
 
