@@ -19,6 +19,9 @@ fn main() {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
 
     println!("cargo:rerun-if-env-changed=CLANG");
+    // Extra clang flags; tests build a binary whose programs differ with
+    // FERRITE_BPF_CFLAGS=-DFERRITE_BUILD_TAG=<n> to exercise an upgrade.
+    println!("cargo:rerun-if-env-changed=FERRITE_BPF_CFLAGS");
     println!("cargo:rerun-if-changed={}", bpf_dir.display());
     for header in headers(&bpf_dir.join("lib")) {
         println!("cargo:rerun-if-changed={}", header.display());
@@ -62,6 +65,11 @@ fn compile(clang: &str, manifest_dir: &Path, bpf_dir: &Path, source: &Path, obje
         ])
         .arg("-I/usr/include/x86_64-linux-gnu")
         .arg(format!("-I{}", bpf_dir.display()))
+        .args(
+            env::var("FERRITE_BPF_CFLAGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         // Keep the checkout path out of the debug info, so the object (and
         // with it the datapath version) does not depend on where it is built.
         .arg(format!("-fdebug-prefix-map={}=.", manifest_dir.display()))

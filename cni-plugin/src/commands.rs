@@ -48,6 +48,13 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
         "datapath {outcome:?} {}",
         dp.version_dir().display()
     ));
+    if outcome == ferrite_datapath::LoadOutcome::Loaded {
+        // A new version, or a wiped bpffs: bring running pods along. A
+        // failure here must not keep new pods from starting.
+        if let Err(e) = crate::repair::run(conf, &dp, &mut host_nl) {
+            log::warn!("repair after loading the datapath failed: {e}");
+        }
+    }
     // A veth of ours that is down or lacks the completion alias is a
     // retired or half-made one (a DEL whose reaper has not finished, a
     // killed ADD): remove it and whatever map entries point at it; its peer
@@ -85,12 +92,6 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
         ));
     }
     mark("pod namespace open");
-    let (dp, outcome) = Datapath::open_or_load(&conf.bpffs_root)
-        .map_err(|e| datapath_error("cannot load the eBPF datapath", &e))?;
-    mark(&format!(
-        "datapath {outcome:?} {}",
-        dp.version_dir().display()
-    ));
 
     let ips = addresses::allocate(conf, env)?;
     mark("addresses allocated");

@@ -15,6 +15,7 @@ mod naming;
 mod netlink;
 mod plugin;
 mod pod;
+mod repair;
 mod result;
 mod version;
 
@@ -73,6 +74,8 @@ Invoked by a container runtime with CNI_COMMAND set, it speaks CNI
   ferrite version                          versions of the plugin and its datapath
   ferrite datapath load [--bpffs-root D]   load and pin the datapath now
   ferrite stats [--bpffs-root D]           per-endpoint counters from the pinned maps
+  ferrite repair --conf FILE               load the datapath if needed and move every running pod
+                                           of the network in FILE (a conflist or plugin config) onto it
   ferrite failpoints                       crash-test points (FERRITE_FAILPOINT=<point>)
   ferrite allocations --network N [--state-dir D]
                                            addresses the built-in IPAM holds: ip, container, ifname
@@ -85,6 +88,27 @@ fn bpffs_root(args: &[String]) -> anyhow::Result<PathBuf> {
         )),
         None => Ok(PathBuf::from(config::DEFAULT_BPFFS_ROOT)),
     }
+}
+
+/// A network configuration from a file: a conflist (its ferrite entry,
+/// with the list's name and version) or a single plugin configuration.
+fn conf_from_file(path: &std::path::Path) -> anyhow::Result<config::NetConf> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let list: serde_json::Value = serde_json::from_slice(&text)?;
+    let mut entry = match list.get("plugins").and_then(|p| p.as_array()) {
+        Some(plugins) => plugins
+            .iter()
+            .find(|p| p["type"] == "ferrite")
+            .cloned()
+            .context("no ferrite plugin in the list")?,
+        None => list.clone(),
+    };
+    for key in ["cniVersion", "name"] {
+        if entry.get(key).is_none() {
+            entry[key] = list[key].clone();
+        }
+    }
+    config::NetConf::parse(&serde_json::to_vec(&entry)?).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
@@ -169,6 +193,28 @@ fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
             for (ip, owner) in store.read()?.records() {
                 writeln!(out, "{ip} {} {}", owner.container_id, owner.ifname)?;
             }
+        }
+        Some("repair") => {
+            let path = args
+                .iter()
+                .position(|a| a == "--conf")
+                .and_then(|i| args.get(i + 1))
+                .context("--conf FILE is required")?;
+            let conf = conf_from_file(std::path::Path::new(path))?;
+            let (dp, outcome) = ferrite_datapath::Datapath::open_or_load(&conf.bpffs_root)
+                .with_context(|| {
+                    format!("loading the datapath under {}", conf.bpffs_root.display())
+                })?;
+            let mut nl = netlink::Netlink::new()?;
+            let report = repair::run(&conf, &dp, &mut nl).map_err(|e| anyhow::anyhow!("{e}"))?;
+            writeln!(
+                out,
+                "datapath {outcome:?} at {}: {} pods restored, {} addresses without a live veth, removed versions {:?}",
+                dp.version_dir().display(),
+                report.restored,
+                report.skipped,
+                report.pruned
+            )?;
         }
         Some("failpoints") => {
             for p in failpoint::POINTS {

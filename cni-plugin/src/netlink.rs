@@ -512,6 +512,28 @@ impl Netlink {
         )
     }
 
+    /// `tc qdisc show dev <index> root`: the kind of the root qdisc, if any.
+    pub fn qdisc_root_kind(&mut self, index: u32) -> Result<Option<String>> {
+        use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+        let mut msg = TcMessage::default();
+        msg.header.index = index as i32;
+        let replies = self.dump("qdisc show", RouteNetlinkMessage::GetQueueDiscipline(msg))?;
+        for m in replies {
+            let RouteNetlinkMessage::NewQueueDiscipline(q) = m else {
+                continue;
+            };
+            if q.header.index != index as i32 || q.header.parent != TcHandle::ROOT {
+                continue;
+            }
+            for attr in &q.attributes {
+                if let TcAttribute::Kind(k) = attr {
+                    return Ok(Some(k.clone()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// `ip neigh show dev <index>`
     pub fn neigh_list(&mut self, index: u32) -> Result<Vec<Neighbour>> {
         let replies = self.dump(

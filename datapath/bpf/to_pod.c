@@ -87,6 +87,10 @@ int to_pod(struct __sk_buff *skb)
 	void *data, *data_end;
 	struct ethhdr *eth;
 
+#ifdef FERRITE_BUILD_TAG
+	/* A build whose programs differ, for upgrade tests; cb is scratch. */
+	skb->cb[4] = FERRITE_BUILD_TAG;
+#endif
 	/* from_pod's fast path into a shaped pod: counted there already. */
 	if (skb->mark == FERRITE_MARK_SHAPED) {
 		skb->mark = 0;

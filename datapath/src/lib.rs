@@ -17,7 +17,7 @@ mod types;
 
 use std::{
     net::IpAddr,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -118,6 +118,61 @@ impl Datapath {
     }
 
     /// Opens this version's pins; `None` if this version is not loaded.
+    /// The datapath versions pinned under `bpffs_root` (this one included),
+    /// leaving out loaders' work directories.
+    pub fn pinned_versions(bpffs_root: &Path) -> Result<Vec<String>, DatapathError> {
+        let entries = match std::fs::read_dir(bpffs_root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(PinError::Io {
+                    call: "readdir",
+                    path: bpffs_root.to_owned(),
+                    source,
+                }
+                .into())
+            }
+        };
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with("tmp-"))
+            .collect())
+    }
+
+    /// The program ids pinned by `version` under `bpffs_root`.
+    pub fn version_program_ids(
+        bpffs_root: &Path,
+        version: &str,
+    ) -> Result<Vec<u32>, DatapathError> {
+        let dir = bpffs_root.join(version);
+        let mut ids = Vec::new();
+        for name in [pin::FROM_POD, pin::TO_POD] {
+            let path = dir.join(name);
+            if let Some(fd) = pin::open_pin(&path)? {
+                ids.push(
+                    sys::prog_id(fd.as_fd()).map_err(|source| PinError::ObjGet { path, source })?,
+                );
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Removes the pins of `version` (never this binary's own). Programs
+    /// still attached somewhere stay loaded until they are detached.
+    pub fn remove_version(bpffs_root: &Path, version: &str) -> Result<(), DatapathError> {
+        if version == DATAPATH_VERSION || version.contains('/') || version.starts_with('.') {
+            return Ok(());
+        }
+        Ok(pin::remove_dir_all(&bpffs_root.join(version))?)
+    }
+
+    /// The ids of the bpf programs attached to `ifindex` (ingress and egress).
+    pub fn attached_program_ids(ifindex: u32) -> Result<Vec<u32>, DatapathError> {
+        Ok(tc::attached_ids(ifindex)?)
+    }
+
     pub fn open(bpffs_root: &Path) -> Result<Option<Datapath>, DatapathError> {
         let version_dir = bpffs_root.join(DATAPATH_VERSION);
         // A version directory appears complete (rename), so the first pin
@@ -200,6 +255,20 @@ impl Datapath {
     /// and interface entries. Idempotent.
     pub fn remove_endpoint(&self, ip: IpAddr, ifindex: u32) -> Result<(), DatapathError> {
         Ok(self.maps.remove_endpoint(ip, ifindex)?)
+    }
+
+    /// The ids of this version's programs (from_pod, to_pod).
+    pub fn program_ids(&self) -> Result<[u32; 2], DatapathError> {
+        let id = |fd: BorrowedFd<'_>, name: &str| {
+            sys::prog_id(fd).map_err(|source| PinError::ObjGet {
+                path: self.version_dir.join(name),
+                source,
+            })
+        };
+        Ok([
+            id(self.from_pod.as_fd(), pin::FROM_POD)?,
+            id(self.to_pod.as_fd(), pin::TO_POD)?,
+        ])
     }
 
     /// Host ifindexes that have counters or an interface entry.

@@ -486,6 +486,19 @@ fn filter_prog_ids(
     }
 }
 
+/// Every bpf program id attached at ingress and egress of `ifindex`.
+pub(crate) fn attached_ids(ifindex: u32) -> Result<Vec<u32>, TcError> {
+    let sock = Socket::open()?;
+    let mut ids = filter_prog_ids(&sock, ifindex, INGRESS_PARENT, "RTM_GETTFILTER ingress")?;
+    ids.extend(filter_prog_ids(
+        &sock,
+        ifindex,
+        EGRESS_PARENT,
+        "RTM_GETTFILTER egress",
+    )?);
+    Ok(ids)
+}
+
 /// Whether ingress runs `from_pod_id` and egress `to_pod_id`.
 pub(crate) fn attachment(
     ifindex: u32,

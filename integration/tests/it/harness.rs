@@ -202,6 +202,9 @@ pub struct Node {
     pub name: String,
     pub subnet: String,
     pub extra: Value,
+    /// The plugin binary this node's invocations run (tests swap it to
+    /// upgrade ferrite under running pods).
+    pub bin: std::sync::Mutex<PathBuf>,
 }
 
 impl Node {
@@ -214,6 +217,7 @@ impl Node {
             name: unique("net"),
             subnet: subnet.to_string(),
             extra: json!({}),
+            bin: std::sync::Mutex::new(ferrite_bin()),
         })
     }
 
@@ -269,7 +273,7 @@ impl Node {
     ) -> Result<Invocation> {
         let node = File::open(self.ns.path())?;
         let fd = node.as_raw_fd();
-        let mut cmd = Command::new(ferrite_bin());
+        let mut cmd = Command::new(self.bin.lock().unwrap().clone());
         cmd.env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
@@ -377,6 +381,28 @@ impl Node {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// Runs `ferrite <args>` (a person's subcommand) inside the node namespace.
+    pub fn ferrite(&self, args: &[&str]) -> Result<String> {
+        let node = File::open(self.ns.path())?;
+        let fd = node.as_raw_fd();
+        let mut cmd = Command::new(self.bin.lock().unwrap().clone());
+        cmd.args(args);
+        // SAFETY: only async-signal-safe setns between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("ferrite {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `ferrite stats` for this node's bpffs.

@@ -8,3 +8,4 @@ mod node;
 mod reliability;
 mod security;
 mod traffic;
+mod upgrade;
