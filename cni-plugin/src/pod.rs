@@ -122,7 +122,7 @@ pub fn create(
         Err(e) => return Err(kernel_error("cannot look up the host veth", &e)),
     };
     crate::failpoint::hit("add-veth-created");
-    let configured = configure(host_nl, pod_nl, &host_link, ifname, pod_mac, ips);
+    let configured = configure(host_nl, pod_nl, netns, &host_link, ifname, pod_mac, ips);
     match configured {
         Ok(()) => Ok(PodLink {
             host: host_link,
@@ -140,6 +140,7 @@ pub fn create(
 fn configure(
     host_nl: &mut Netlink,
     pod_nl: &mut Netlink,
+    netns: &File,
     host: &Link,
     ifname: &str,
     pod_mac: [u8; 6],
@@ -158,6 +159,9 @@ fn configure(
         .link_get(ifname)
         .map_err(k("cannot look up the pod interface"))?
         .ok_or_else(|| CniError::new(Code::Kernel, format!("{ifname} missing in the pod")))?;
+    if ips.iter().any(IpAddr::is_ipv6) {
+        pod_ipv6_sysctls(netns, ifname)?;
+    }
     for ip in ips {
         let len = if ip.is_ipv4() { 32 } else { 128 };
         pod_nl
@@ -209,6 +213,34 @@ fn configure(
             .map_err(k("cannot add the pod's neighbour entry on the host"))?;
     }
     Ok(())
+}
+
+/// IPv6 on the pod's interface, usable at once: enabled, and without
+/// duplicate address detection (ferrite's IPAM already guarantees the
+/// address is unique). Written inside the pod's namespace, on a thread that
+/// entered it: /proc/sys/net belongs to the namespace of whoever opens it,
+/// so the node's own settings are never touched.
+fn pod_ipv6_sysctls(netns: &File, ifname: &str) -> CniResult<()> {
+    let fd = netns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || -> CniResult<()> {
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(CniError::new(Code::Kernel, "setns into the pod failed")
+                    .with_details(std::io::Error::last_os_error()));
+            }
+            for (key, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
+                let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+                std::fs::write(&path, value).map_err(|e| {
+                    CniError::new(Code::Kernel, format!("cannot set {path} in the pod"))
+                        .with_details(e)
+                })?;
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(CniError::new(Code::Kernel, "sysctl thread panicked")))
+    })
 }
 
 /// The host veth `name` if ferrite made it for this network (it carries the

@@ -4,6 +4,7 @@
 mod chaining;
 mod cni;
 mod harness;
+mod ipv6;
 mod node;
 mod reliability;
 mod security;
