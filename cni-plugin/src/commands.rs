@@ -55,15 +55,22 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
             log::warn!("repair after loading the datapath failed: {e}");
         }
     }
-    // A veth of ours that is down or lacks the completion alias is a
+    // A veth of ours that is down, or that no endpoint entry points at, is a
     // retired or half-made one (a DEL whose reaper has not finished, a
     // killed ADD): remove it and whatever map entries point at it; its peer
-    // leaves the pod with it.
+    // leaves the pod with it. (Rare: only when a veth of our name exists.)
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
     let group = naming::host_veth_group(&conf.name);
     let alias = naming::host_veth_alias(&conf.name);
     if let Some(l) = pod::find_host_veth(&mut host_nl, &host_name, group)? {
-        if !l.up || l.alias.as_deref() != Some(alias.as_str()) {
+        let complete = l.up
+            && l.alias.as_deref() == Some(alias.as_str())
+            && dp
+                .endpoints()
+                .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
+                .iter()
+                .any(|(_, ep)| ep.ifindex == l.index);
+        if !complete {
             log::info!("removing {} left by an earlier attempt", l.name);
             dp.forget_interface(l.index)
                 .map_err(|e| datapath_error("cannot clear a half-made endpoint", &e))?;
@@ -132,6 +139,7 @@ fn setup(
         host_name: &host_name,
         ifname: &env.ifname,
         group: naming::host_veth_group(&conf.name),
+        alias: &naming::host_veth_alias(&conf.name),
         mtu: conf.mtu,
         ips,
     };
@@ -163,11 +171,9 @@ fn setup(
                 dp.upsert_endpoint(*ip, &endpoint)
                     .map_err(|e| datapath_error("cannot add the endpoint to the map", &e))?;
             }
+            // The map entry is the last step: it makes the pod complete.
             crate::failpoint::hit("add-mapped");
-            // Last: the alias that says this pod is complete.
-            host_nl
-                .link_set_alias(link.host.index, &naming::host_veth_alias(&conf.name))
-                .map_err(|e| pod::kernel_error("cannot mark the host veth complete", &e))
+            Ok(())
         });
     if let Err(err) = wired {
         for ip in ips {

@@ -31,8 +31,9 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("fer{:012x}", h >> 16)
 }
 
-/// The alias ADD puts on a host veth as its last step: the pod is complete.
-/// A veth of ours without it is one a killed ADD left half made.
+/// The alias ADD puts on a host veth, for people reading `ip link`; CHECK
+/// and repair also expect it. (The endpoint map entry, written last, is
+/// what marks a pod complete.)
 pub fn host_veth_alias(network: &str) -> String {
     format!("ferrite/{network}")
 }

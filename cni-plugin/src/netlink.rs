@@ -290,19 +290,6 @@ impl Netlink {
         )
     }
 
-    /// `ip link set <index> alias A`
-    pub fn link_set_alias(&mut self, index: u32, alias: &str) -> Result<()> {
-        let mut msg = LinkMessage::default();
-        msg.header.index = index;
-        msg.attributes
-            .push(LinkAttribute::IfAlias(alias.to_string()));
-        self.request(
-            &format!("link set {index} alias {alias}"),
-            RouteNetlinkMessage::SetLink(msg),
-            0,
-        )
-    }
-
     /// `ip link set <index> down`: the kernel also drops every route through it.
     pub fn link_set_down(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();

@@ -44,6 +44,8 @@ pub struct PodSpec<'a> {
     pub ifname: &'a str,
     /// The network's device group: ferrite's mark on the host veth.
     pub group: u32,
+    /// The alias set with the link up, for people reading `ip link`.
+    pub alias: &'a str,
     pub mtu: u32,
     pub ips: &'a [IpAddr],
 }
@@ -69,7 +71,7 @@ pub fn create(
         ifname,
         group,
         mtu,
-        ips,
+        ..
     } = *spec;
     let host_mac = naming::random_mac();
     let pod_mac = naming::random_mac();
@@ -122,7 +124,7 @@ pub fn create(
         Err(e) => return Err(kernel_error("cannot look up the host veth", &e)),
     };
     crate::failpoint::hit("add-veth-created");
-    let configured = configure(host_nl, pod_nl, netns, &host_link, ifname, pod_mac, ips);
+    let configured = configure(host_nl, pod_nl, netns, &host_link, spec, pod_mac);
     match configured {
         Ok(()) => Ok(PodLink {
             host: host_link,
@@ -142,13 +144,13 @@ fn configure(
     pod_nl: &mut Netlink,
     netns: &File,
     host: &Link,
-    ifname: &str,
+    spec: &PodSpec<'_>,
     pod_mac: [u8; 6],
-    ips: &[IpAddr],
 ) -> CniResult<()> {
+    let (ifname, ips) = (spec.ifname, spec.ips);
     let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
     host_nl
-        .link_set_up(host.index, None)
+        .link_set_up(host.index, Some(spec.alias))
         .map_err(k("cannot set the host veth up"))?;
 
     // Pod side: lo up, address, eth0 up, gateway neighbour, default route.
