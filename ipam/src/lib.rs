@@ -16,6 +16,7 @@
 //! ```
 
 mod range;
+mod records;
 mod state;
 mod store;
 

@@ -10,6 +10,7 @@ use ipnetwork::IpNetwork;
 use thiserror::Error;
 
 use crate::range::{from_u128, to_u128, Pool, Range, RangeSet};
+use crate::records::Records;
 
 /// The longest container id an [`Owner`] may have, in bytes (runtimes use
 /// 64 hex digits).
@@ -37,26 +38,31 @@ impl Owner {
     /// store record: a container id of at most [`MAX_CONTAINER_ID`] bytes, an
     /// ifname of at most [`MAX_IFNAME`].
     pub fn validate(&self) -> Result<(), IpamError> {
-        for (field, value, max) in [
-            ("container id", &self.container_id, MAX_CONTAINER_ID),
-            ("ifname", &self.ifname, MAX_IFNAME),
-        ] {
-            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(IpamError::InvalidOwner {
-                    field,
-                    value: value.clone(),
-                });
-            }
-            if value.len() > max {
-                return Err(IpamError::OwnerTooLong {
-                    field,
-                    len: value.len(),
-                    max,
-                });
-            }
-        }
-        Ok(())
+        validate_fields(&self.container_id, &self.ifname)
     }
+}
+
+/// [`Owner::validate`] on borrowed fields.
+pub(crate) fn validate_fields(container_id: &str, ifname: &str) -> Result<(), IpamError> {
+    for (field, value, max) in [
+        ("container id", container_id, MAX_CONTAINER_ID),
+        ("ifname", ifname, MAX_IFNAME),
+    ] {
+        if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(IpamError::InvalidOwner {
+                field,
+                value: value.to_string(),
+            });
+        }
+        if value.len() > max {
+            return Err(IpamError::OwnerTooLong {
+                field,
+                len: value.len(),
+                max,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Owner {
@@ -121,7 +127,7 @@ pub enum IpamError {
 /// set (where the next round-robin search starts, as in host-local).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
-    pub(crate) records: BTreeMap<IpAddr, Owner>,
+    pub(crate) records: Records,
     pub(crate) last: BTreeMap<usize, IpAddr>,
 }
 
@@ -178,11 +184,8 @@ impl State {
                 }
                 (Some(held), _) => (held, false),
                 (None, Some(ip)) => {
-                    if let Some(other) = self.records.get(&ip) {
-                        return Err(IpamError::RequestedUnavailable {
-                            ip,
-                            owner: other.clone(),
-                        });
+                    if let Some(other) = self.records.owner_of(ip) {
+                        return Err(IpamError::RequestedUnavailable { ip, owner: other });
                     }
                     (ip, true)
                 }
@@ -228,11 +231,7 @@ impl State {
 
     /// Addresses held by `owner`, in address order.
     pub fn owned_by(&self, owner: &Owner) -> Vec<IpAddr> {
-        self.records
-            .iter()
-            .filter(|(_, o)| *o == owner)
-            .map(|(ip, _)| *ip)
-            .collect()
+        self.records.held_by(owner)
     }
 
     pub fn owner_of(&self, ip: IpAddr) -> Option<&Owner> {
@@ -252,15 +251,7 @@ impl State {
     /// GC: releases every record whose owner `keep` rejects; returns what was
     /// released.
     pub fn retain(&mut self, keep: impl Fn(&Owner) -> bool) -> Vec<(IpAddr, Owner)> {
-        let mut released = Vec::new();
-        self.records.retain(|ip, owner| {
-            let kept = keep(owner);
-            if !kept {
-                released.push((*ip, owner.clone()));
-            }
-            kept
-        });
-        released
+        self.records.retain(keep)
     }
 
     /// Free addresses per set, for STATUS. Saturates at `u128::MAX`, which
@@ -272,8 +263,9 @@ impl State {
                 set.0.iter().fold(0u128, |acc, range| {
                     let used = self
                         .records
-                        .range(range.start..=range.end)
-                        .filter(|(ip, _)| !range.is_reserved(**ip))
+                        .range(range.start, range.end)
+                        .iter()
+                        .filter(|e| !range.is_reserved(e.ip))
                         .count() as u128;
                     acc.saturating_add(range.size().saturating_sub(used))
                 })
@@ -315,8 +307,9 @@ impl State {
         let v6 = range.is_v6();
         let mut taken = self
             .records
-            .range(from_u128(from, v6)..=from_u128(to, v6))
-            .map(|(ip, _)| to_u128(*ip))
+            .range(from_u128(from, v6), from_u128(to, v6))
+            .iter()
+            .map(|e| to_u128(e.ip))
             .peekable();
         let mut candidate = from;
         loop {

@@ -101,13 +101,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::state::{Owner, State, MAX_CONTAINER_ID, MAX_IFNAME};
-
-/// Size of a slot.
-const UNIT: usize = 128;
+use crate::records::{self, key, Entry, Loc, Records, FIXED, UNIT};
+use crate::state::{validate_fields, Owner, State, MAX_CONTAINER_ID, MAX_IFNAME};
 /// Records never cross a boundary of this many bytes.
 const PAGE: usize = 4096;
 const UNITS_PER_PAGE: usize = PAGE / UNIT;
@@ -117,8 +116,6 @@ const HEADER_PREFIX: &[u8] = b"ferrite-ipam allocations ";
 const MAGIC: u8 = 0xf7;
 const KIND_ADDRESS: u8 = 1;
 const KIND_LAST: u8 = 2;
-/// Bytes before the container id.
-const FIXED: usize = 36;
 const ZERO_UNIT: [u8; UNIT] = [0; UNIT];
 
 #[derive(Debug, Error)]
@@ -173,9 +170,16 @@ pub struct Locked<'a> {
 struct Disk {
     /// Open for writing; `None` when there is no state file yet.
     file: Option<File>,
-    bytes: Vec<u8>,
+    /// The file as loaded, shared with the [`State`] loaded with it (whose
+    /// records point into it). Never changed: what was written since is in
+    /// `written`.
+    base: Arc<Vec<u8>>,
+    /// Records (or zeros) written since the load, by first slot.
+    written: BTreeMap<usize, Vec<u8>>,
     /// Slot holds (part of) a record. Slot 0, the header, counts as used.
     used: Vec<bool>,
+    /// Slot was written since the load (as long as `used`).
+    rewritten: Vec<bool>,
     /// Slot of each address record, by address.
     addresses: Vec<(IpAddr, usize)>,
     /// Address and slot of each set's last-reserved record.
@@ -190,7 +194,7 @@ impl fmt::Debug for Disk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Disk")
             .field("exists", &self.file.is_some())
-            .field("bytes", &self.bytes.len())
+            .field("bytes", &self.used.len().saturating_sub(1))
             .field("addresses", &self.addresses.len())
             .field("last", &self.last)
             .finish()
@@ -387,8 +391,10 @@ impl Disk {
     fn missing() -> Disk {
         Disk {
             file: None,
-            bytes: Vec::new(),
+            base: Arc::default(),
+            written: BTreeMap::new(),
             used: Vec::new(),
+            rewritten: Vec::new(),
             addresses: Vec::new(),
             last: BTreeMap::new(),
             #[cfg(test)]
@@ -396,60 +402,81 @@ impl Disk {
         }
     }
 
+    /// The bytes of the record starting at `slot`, as the file holds them
+    /// now (running on past the record when it was not written since the
+    /// load).
+    fn record_at(&self, slot: usize) -> &[u8] {
+        match self.written.get(&slot) {
+            Some(rec) => rec,
+            None => &self.base[slot * UNIT..],
+        }
+    }
+
     /// The owner bytes of the address record at `slot`.
     fn owner_bytes(&self, slot: usize) -> (&[u8], &[u8]) {
-        let rec = &self.bytes[slot * UNIT..];
-        let id_len = usize::from(u16::from_le_bytes([rec[32], rec[33]]));
-        let if_len = usize::from(u16::from_le_bytes([rec[34], rec[35]]));
-        (
-            &rec[FIXED..FIXED + id_len],
-            &rec[FIXED + id_len..FIXED + id_len + if_len],
-        )
+        records::owner_bytes(self.record_at(slot), 0)
     }
 
     fn units_at(&self, slot: usize) -> usize {
-        usize::from(self.bytes[slot * UNIT + 2])
+        usize::from(self.record_at(slot)[2])
     }
 
     fn write_changes(&mut self, state: &State, path: &Path) -> Result<(), StoreError> {
         let mut clear: Vec<usize> = Vec::new();
         let mut writes: Vec<Pending> = Vec::new();
-        // The new address index: slots of new records are filled in below,
-        // in the order of `writes` that have no slot.
-        let mut addresses: Vec<(IpAddr, Option<usize>)> = Vec::with_capacity(state.records.len());
+        // The new address index: slots of new records (`NEW` here) are
+        // filled in below, in the order of `writes` that have no slot.
+        const NEW: usize = usize::MAX;
+        let mut addresses: Vec<(IpAddr, usize)> = Vec::with_capacity(state.records.len());
 
+        // Records of the state that point into the bytes this disk was
+        // loaded from, at a slot not written since, are unchanged: no need
+        // to compare owners.
+        let same_base = state
+            .records
+            .base()
+            .is_some_and(|base| Arc::ptr_eq(base, &self.base));
         let mut old = self.addresses.iter().copied().peekable();
-        for (&ip, owner) in &state.records {
-            while let Some((_, slot)) = old.next_if(|&(o, _)| o < ip) {
+        for (i, entry) in state.records.entries().iter().enumerate() {
+            let ip = entry.ip;
+            let k = key(ip);
+            while let Some((_, slot)) = old.next_if(|&(o, _)| key(o) < k) {
                 clear.push(slot);
             }
             match old.next_if(|&(o, _)| o == ip) {
                 Some((_, slot)) => {
-                    let (id, ifname) = self.owner_bytes(slot);
-                    if id == owner.container_id.as_bytes() && ifname == owner.ifname.as_bytes() {
-                        addresses.push((ip, Some(slot)));
+                    if same_base
+                        && matches!(entry.loc, Loc::Slot(s) if s as usize == slot)
+                        && !self.rewritten[slot]
+                    {
+                        addresses.push((ip, slot));
+                        continue;
+                    }
+                    let owner = state.records.owner_bytes_at(i);
+                    if self.owner_bytes(slot) == owner {
+                        addresses.push((ip, slot));
                         continue;
                     }
                     let bytes = address_record(ip, owner);
                     if bytes.len() == self.units_at(slot) * UNIT {
                         // Same size: the new owner replaces the old one in
                         // one write.
-                        addresses.push((ip, Some(slot)));
+                        addresses.push((ip, slot));
                         writes.push(Pending {
                             slot: Some(slot),
                             bytes,
                         });
                     } else {
                         clear.push(slot);
-                        addresses.push((ip, None));
+                        addresses.push((ip, NEW));
                         writes.push(Pending { slot: None, bytes });
                     }
                 }
                 None => {
-                    addresses.push((ip, None));
+                    addresses.push((ip, NEW));
                     writes.push(Pending {
                         slot: None,
-                        bytes: address_record(ip, owner),
+                        bytes: address_record(ip, state.records.owner_bytes_at(i)),
                     });
                 }
             }
@@ -509,13 +536,10 @@ impl Disk {
             self.used[slot..slot + units].fill(true);
         }
         let mut new_slots = new_slots.into_iter();
-        self.addresses = addresses
-            .into_iter()
-            .map(|(ip, slot)| {
-                let slot = slot.or_else(|| new_slots.next());
-                (ip, slot.expect("one slot per new record"))
-            })
-            .collect();
+        for (_, slot) in addresses.iter_mut().filter(|(_, slot)| *slot == NEW) {
+            *slot = new_slots.next().expect("one slot per new record");
+        }
+        self.addresses = addresses;
         self.last = last;
         Ok(())
     }
@@ -544,6 +568,7 @@ impl Disk {
             slot = slot.next_multiple_of(UNITS_PER_PAGE);
         }
         self.used.resize(slot + units, false);
+        self.rewritten.resize(slot + units, false);
         slot
     }
 
@@ -565,11 +590,8 @@ impl Disk {
         let offset = slot * UNIT;
         file.write_all_at(bytes, offset as u64)
             .map_err(io_error("write", path))?;
-        let end = offset + bytes.len();
-        if self.bytes.len() < end {
-            self.bytes.resize(end, 0);
-        }
-        self.bytes[offset..end].copy_from_slice(bytes);
+        self.rewritten[slot..slot + bytes.len() / UNIT].fill(true);
+        self.written.insert(slot, bytes.to_vec());
         Ok(())
     }
 }
@@ -632,14 +654,8 @@ fn record(kind: u8, ip: IpAddr, set: u64, id: &[u8], ifname: &[u8]) -> Vec<u8> {
 /// The record of one reservation. The owner's lengths are bounded by
 /// [`Owner::validate`] (which `State::allocate` applies), so the record
 /// fits in a page.
-fn address_record(ip: IpAddr, owner: &Owner) -> Vec<u8> {
-    record(
-        KIND_ADDRESS,
-        ip,
-        0,
-        owner.container_id.as_bytes(),
-        owner.ifname.as_bytes(),
-    )
+fn address_record(ip: IpAddr, (id, ifname): (&[u8], &[u8])) -> Vec<u8> {
+    record(KIND_ADDRESS, ip, 0, id, ifname)
 }
 
 fn last_record(set: usize, ip: IpAddr) -> Vec<u8> {
@@ -659,23 +675,25 @@ fn record_address(rec: &[u8]) -> IpAddr {
 pub fn encode(state: &State) -> Vec<u8> {
     let mut disk = Disk::missing();
     disk.used.push(true);
-    disk.bytes.extend_from_slice(HEADER);
-    disk.bytes.resize(UNIT, 0);
-    let records = state
-        .records
-        .iter()
-        .map(|(&ip, owner)| address_record(ip, owner))
+    disk.rewritten.push(false);
+    let mut bytes = HEADER.to_vec();
+    bytes.resize(UNIT, 0);
+    let records = (0..state.records.len())
+        .map(|i| {
+            let ip = state.records.entries()[i].ip;
+            address_record(ip, state.records.owner_bytes_at(i))
+        })
         .chain(state.last.iter().map(|(&set, &ip)| last_record(set, ip)));
     for rec in records {
         let slot = disk.free_slots(rec.len() / UNIT);
         disk.used[slot..slot + rec.len() / UNIT].fill(true);
         let end = slot * UNIT + rec.len();
-        if disk.bytes.len() < end {
-            disk.bytes.resize(end, 0);
+        if bytes.len() < end {
+            bytes.resize(end, 0);
         }
-        disk.bytes[slot * UNIT..end].copy_from_slice(&rec);
+        bytes[slot * UNIT..end].copy_from_slice(&rec);
     }
-    disk.bytes
+    bytes
 }
 
 /// Parses a state file, format v2 or v1; `path` names the file in errors.
@@ -735,9 +753,9 @@ fn parse(bytes: Vec<u8>, path: &Path) -> Result<(State, Disk), StoreError> {
     let slots = bytes.len() / UNIT;
     let mut used = vec![false; slots];
     used[0] = true;
-    // (address, slot, index in `owners`), sorted below.
-    let mut keys: Vec<(IpAddr, usize, usize)> = Vec::new();
-    let mut owners: Vec<Option<Owner>> = Vec::new();
+    // (address, slot) per family, sorted below: IPv4 sorts before IPv6.
+    let mut v4: Vec<(u32, u32)> = Vec::with_capacity(slots);
+    let mut v6: Vec<(u128, u32)> = Vec::new();
     let mut last: BTreeMap<usize, (IpAddr, usize)> = BTreeMap::new();
     let mut slot = 1;
     while slot < slots {
@@ -796,9 +814,11 @@ fn parse(bytes: Vec<u8>, path: &Path) -> Result<(State, Disk), StoreError> {
                 }
                 let id = &rec[FIXED..FIXED + id_len];
                 let ifname = &rec[FIXED + id_len..FIXED + id_len + if_len];
-                let owner = owner_from_bytes(id, ifname).map_err(|e| corrupt(slot, e))?;
-                keys.push((ip, slot, owners.len()));
-                owners.push(Some(owner));
+                check_owner_bytes(id, ifname).map_err(|e| corrupt(slot, e))?;
+                match ip {
+                    IpAddr::V4(a) => v4.push((u32::from(a), slot as u32)),
+                    IpAddr::V6(a) => v6.push((u128::from(a), slot as u32)),
+                }
             }
             KIND_LAST => {
                 if id_len != 0 || if_len != 0 {
@@ -822,32 +842,65 @@ fn parse(bytes: Vec<u8>, path: &Path) -> Result<(State, Disk), StoreError> {
         slot += units;
     }
 
-    keys.sort_unstable_by_key(|&(ip, slot, _)| (ip, slot));
-    if let Some(pair) = keys.windows(2).find(|w| w[0].0 == w[1].0) {
-        let (ip, first, _) = pair[0];
-        let (_, second, _) = pair[1];
-        let holder = owners[pair[0].2].as_ref().expect("not taken yet");
+    // Files grown by ADDs hold each family mostly in address order already.
+    if !v4.is_sorted() {
+        v4.sort_unstable();
+    }
+    if !v6.is_sorted() {
+        v6.sort_unstable();
+    }
+    let v4_twice = v4
+        .windows(2)
+        .find(|w| w[0].0 == w[1].0)
+        .map(|w| (IpAddr::V4(Ipv4Addr::from(w[0].0)), w[0].1, w[1].1));
+    let v6_twice = || {
+        v6.windows(2)
+            .find(|w| w[0].0 == w[1].0)
+            .map(|w| (IpAddr::V6(Ipv6Addr::from(w[0].0)), w[0].1, w[1].1))
+    };
+    if let Some((ip, first, second)) = v4_twice.or_else(v6_twice) {
+        let (id, ifname) = records::owner_bytes(&bytes, first as usize);
+        let holder = Owner::new(
+            String::from_utf8_lossy(id).into_owned(),
+            String::from_utf8_lossy(ifname).into_owned(),
+        );
         return Err(corrupt(
-            second,
+            second as usize,
             format!(
                 "address {ip} recorded twice (also at byte {}, held by {holder})",
-                first * UNIT
+                first as usize * UNIT
             ),
         ));
     }
-    let records = keys
+    let base = Arc::new(bytes);
+    let addresses: Vec<(IpAddr, usize)> = v4
         .iter()
-        .map(|&(ip, _, index)| (ip, owners[index].take().expect("each owner once")))
+        .map(|&(a, slot)| (IpAddr::V4(Ipv4Addr::from(a)), slot as usize))
+        .chain(
+            v6.iter()
+                .map(|&(a, slot)| (IpAddr::V6(Ipv6Addr::from(a)), slot as usize)),
+        )
+        .collect();
+    drop((v4, v6));
+    let entries = addresses
+        .iter()
+        .map(|&(ip, slot)| Entry {
+            ip,
+            loc: Loc::Slot(slot as u32),
+        })
         .collect();
     let state = State {
-        records,
+        records: Records::loaded(base.clone(), entries),
         last: last.iter().map(|(&set, &(ip, _))| (set, ip)).collect(),
     };
+    let rewritten = vec![false; used.len()];
     let disk = Disk {
         file: None,
-        bytes,
+        base,
+        written: BTreeMap::new(),
         used,
-        addresses: keys.into_iter().map(|(ip, slot, _)| (ip, slot)).collect(),
+        rewritten,
+        addresses,
         last,
         #[cfg(test)]
         write_budget: None,
@@ -855,26 +908,21 @@ fn parse(bytes: Vec<u8>, path: &Path) -> Result<(State, Disk), StoreError> {
     Ok((state, disk))
 }
 
-/// An owner from record bytes, checked as [`Owner::validate`] does; the
-/// common all-ASCII case without decoding characters.
-fn owner_from_bytes(id: &[u8], ifname: &[u8]) -> Result<Owner, String> {
+/// Checks the owner bytes of a record as [`Owner::validate`] does (and
+/// that they are UTF-8), building nothing; the common all-ASCII case without
+/// decoding characters.
+fn check_owner_bytes(id: &[u8], ifname: &[u8]) -> Result<(), String> {
     // Printable ASCII, no space: branch-free so that it vectorizes.
     let plain = |b: &[u8]| {
         !b.is_empty()
             && b.iter()
                 .fold(true, |ok, &c| ok & (c.wrapping_sub(0x21) < 0x5e))
     };
-    let text = |b: &[u8], field: &str| {
-        String::from_utf8(b.to_vec()).map_err(|_| format!("{field} is not UTF-8"))
-    };
-    let owner = Owner {
-        container_id: text(id, "container id")?,
-        ifname: text(ifname, "ifname")?,
-    };
-    if !(plain(id) && plain(ifname)) || id.len() > MAX_CONTAINER_ID || ifname.len() > MAX_IFNAME {
-        owner.validate().map_err(|e| e.to_string())?;
+    if plain(id) && plain(ifname) && id.len() <= MAX_CONTAINER_ID && ifname.len() <= MAX_IFNAME {
+        return Ok(());
     }
-    Ok(owner)
+    let text = |b, field: &str| std::str::from_utf8(b).map_err(|_| format!("{field} is not UTF-8"));
+    validate_fields(text(id, "container id")?, text(ifname, "ifname")?).map_err(|e| e.to_string())
 }
 
 /// Parses format v1 (the line format); `path` names the file in errors,
@@ -1458,6 +1506,34 @@ mod tests {
         let want = locked.state().clone();
         drop(locked);
         assert_eq!(store.read().unwrap(), want);
+    }
+
+    /// A commit skips records the state still points at in the loaded
+    /// file; a state put back from a clone after other commits under the
+    /// same lock must still be written as it is.
+    #[test]
+    fn a_state_restored_from_a_clone_is_committed_as_it_is() {
+        let dir = TempDir::new();
+        let store = Store::open(&dir.0, "net").unwrap();
+        let pool = pool();
+        for n in 0..4 {
+            let mut locked = store.lock().unwrap();
+            locked.state().allocate(&pool, &pod(n), &[]).unwrap();
+            locked.commit().unwrap();
+        }
+        let mut locked = store.lock().unwrap();
+        let snapshot = locked.state().clone();
+        let taken = locked.state().owned_by(&pod(1))[0];
+        locked.state().release(&pod(1));
+        locked.state().allocate(&pool, &pod(9), &[taken]).unwrap();
+        locked.commit().unwrap();
+        locked.state().release(&pod(2));
+        locked.commit().unwrap();
+        *locked.state() = snapshot.clone();
+        locked.commit().unwrap();
+        drop(locked);
+        assert_eq!(store.read().unwrap(), snapshot);
+        assert_eq!(store.read().unwrap().owner_of(taken), Some(&pod(1)));
     }
 
     #[test]
