@@ -11,65 +11,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Returns false (and says why) when the test cannot run here; under CI a
-/// skip is a failure.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("SKIP {test}: needs root");
-    false
-}
+pub use ferrite_integration::{ferrite_bin, privileged, sh};
 
 pub fn unique(tag: &str) -> String {
-    format!(
-        "fi{}{}{}",
-        std::process::id() % 100_000,
-        tag,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The ferrite binary built by cargo for this workspace.
-pub fn ferrite_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("FERRITE_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("ferrite");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("ferrite binary not built: run `cargo build --release` first");
-}
-
-pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    ferrite_integration::unique_with("fi", tag)
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.

@@ -3,8 +3,8 @@
 //! there, so the machine's own interfaces, routes and firewall are never
 //! touched), a ferrite network with a private bpffs, state, CNI bin and conf
 //! directory, and locally built images. Everything is removed on drop, on
-//! every path. Small pieces are copied from tests/it/harness.rs on purpose:
-//! the two targets do not share code.
+//! every path. The root gate, names, the binary and `sh` come from the
+//! integration crate's library, shared with tests/it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -12,29 +12,15 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Returns false (and says why) when the test cannot run here; under CI a
-/// skip is a failure.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("SKIP {test}: needs root");
-    false
-}
+pub use ferrite_integration::{ferrite_bin, privileged, sh};
 
 /// The runtimes share host paths they hard-code (/run/containerd/s for shim
 /// sockets, the libcni cache in /var/lib/cni) and the machine has two cores:
@@ -44,30 +30,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 pub fn unique(tag: &str) -> String {
-    format!(
-        "fr{}{}{}",
-        std::process::id() % 100_000,
-        tag,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The ferrite binary built by cargo for this workspace.
-pub fn ferrite_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("FERRITE_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("ferrite");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("ferrite binary not built: run `cargo build --release` first");
+    ferrite_integration::unique_with("fr", tag)
 }
 
 /// The conflist users copy, as shipped (or the one FERRITE_CONFLIST names).
@@ -78,18 +41,6 @@ pub fn shipped_conflist() -> Value {
         .unwrap_or_else(|_| root.join("conf/10-ferrite.conflist"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.
