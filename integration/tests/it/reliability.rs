@@ -174,7 +174,7 @@ fn random_kills_converge() {
         seed ^= seed << 17;
         seed % n
     };
-    let mut killed = 0;
+    let (mut killed, mut finished) = (0, 0);
     for t in 0..trials {
         let ns = Netns::new("r").unwrap();
         let id = unique("r");
@@ -205,11 +205,16 @@ fn random_kills_converge() {
             });
         }
         let mut child = cmd.spawn().unwrap();
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), &conf).unwrap();
-        std::thread::sleep(Duration::from_micros(rnd(10_000)));
+        // Close stdin: the plugin reads it to the end before it starts.
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &conf).unwrap();
+        drop(stdin);
+        std::thread::sleep(Duration::from_micros(rnd(5_000)));
         if child.try_wait().unwrap().is_none() {
             let _ = child.kill();
             killed += 1;
+        } else {
+            finished += 1;
         }
         let _ = child.wait();
         match rnd(3) {
@@ -233,7 +238,13 @@ fn random_kills_converge() {
         drop(ns);
         assert_clean(&node, &format!("trial {t} ({command})"));
     }
-    eprintln!("random kills: {trials} trials, {killed} processes killed mid-flight, 0 leaks");
+    eprintln!(
+        "random kills: {trials} trials, {killed} killed mid-flight, {finished} finished first, 0 leaks"
+    );
+    assert!(
+        killed > 0,
+        "the timings should catch some invocations mid-flight"
+    );
 }
 
 /// Many invocations in flight at once over a set of containers: ADD, DEL,
