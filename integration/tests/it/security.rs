@@ -129,3 +129,69 @@ fn pins_and_state_are_root_only() {
     }
     assert_eq!(mode(&node.state.path.join("cni.log")), 0o600);
 }
+
+#[test]
+fn devices_and_qdiscs_ferrite_did_not_make_are_left_alone() {
+    if !privileged("devices_and_qdiscs_ferrite_did_not_make_are_left_alone") {
+        return;
+    }
+    let node = Node::new("10.87.0.0/24").unwrap();
+    // Named like ferrite's veths, but not made by it (no ferrite group),
+    // with someone else's clsact qdisc and filter on its peer.
+    node.ns
+        .exec("ip link add fer000000000001 type veth peer name other0 && ip link set fer000000000001 up && tc qdisc add dev other0 clsact && tc filter add dev other0 ingress protocol all u32 match u32 0 0")
+        .unwrap();
+    let pod = node.add_pod("1.1.0").unwrap();
+    let mut c = node.conf("1.1.0");
+    c["cni.dev/valid-attachments"] = serde_json::json!([]);
+    node.invoke("GC", "", None, "", &c, &[])
+        .unwrap()
+        .expect_ok();
+    let links = node.links_settled().unwrap();
+    assert!(links.contains(&"fer000000000001".to_string()), "{links:?}");
+    assert!(
+        !links.contains(&pod.host_veth()),
+        "GC removed ferrite's own veth"
+    );
+    let qdisc = node.ns.exec("tc qdisc show dev other0").unwrap();
+    assert!(qdisc.contains("clsact"), "{qdisc}");
+    let filter = node.ns.exec("tc filter show dev other0 ingress").unwrap();
+    assert!(filter.contains("u32"), "{filter}");
+    let mut pod = pod;
+    pod.deleted = true;
+}
+
+#[test]
+fn a_read_only_state_dir_fails_cleanly_and_status_says_so() {
+    if !privileged("a_read_only_state_dir_fails_cleanly_and_status_says_so") {
+        return;
+    }
+    let node = Node::new("10.88.0.0/24").unwrap();
+    let ro = crate::harness::TempDir::new("ro").unwrap();
+    crate::harness::sh(&format!("mount -t tmpfs -o ro tmpfs {}", ro.path.display())).unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(ro.path.clone());
+    let mut c = node.conf("1.1.0");
+    c["stateDir"] = serde_json::json!(ro.path.join("state"));
+    let before = node.links().unwrap();
+    let ns = crate::harness::Netns::new("p").unwrap();
+    let inv = node
+        .invoke(
+            "ADD",
+            &crate::harness::unique("c"),
+            Some(&ns.path()),
+            "eth0",
+            &c,
+            &[],
+        )
+        .unwrap();
+    assert_eq!(inv.code(), 5, "{}", inv.stdout);
+    assert_eq!(node.links().unwrap(), before, "a failed ADD left links");
+    let st = node.invoke("STATUS", "", None, "", &c, &[]).unwrap();
+    assert_eq!(st.code(), 50, "{}", st.stdout);
+}
