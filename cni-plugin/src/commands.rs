@@ -168,8 +168,22 @@ fn setup(
         .and_then(|()| {
             crate::failpoint::hit("add-attached");
             for ip in ips {
-                dp.upsert_endpoint(*ip, &endpoint)
-                    .map_err(|e| datapath_error("cannot add the endpoint to the map", &e))?;
+                dp.upsert_endpoint(*ip, &endpoint).map_err(|e| {
+                    let full = dp
+                        .endpoints()
+                        .is_ok_and(|eps| eps.len() >= ferrite_datapath::MAX_ENDPOINTS);
+                    if full {
+                        datapath_error(
+                            &format!(
+                                "the endpoint map is full ({} endpoints)",
+                                ferrite_datapath::MAX_ENDPOINTS
+                            ),
+                            &e,
+                        )
+                    } else {
+                        datapath_error("cannot add the endpoint to the map", &e)
+                    }
+                })?;
             }
             // The map entry is the last step: it makes the pod complete.
             crate::failpoint::hit("add-mapped");
@@ -494,6 +508,18 @@ pub fn status(conf: &NetConf) -> CniResult<()> {
             format!("no bpf filesystem at {}", conf.bpffs_root.display()),
         )
         .with_details("mount one: mount -t bpf bpf /sys/fs/bpf"));
+    }
+    if let Ok(Some(dp)) = Datapath::open(&conf.bpffs_root) {
+        let used = dp
+            .endpoints()
+            .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
+            .len();
+        if used >= ferrite_datapath::MAX_ENDPOINTS {
+            return Err(CniError::new(
+                Code::NotAvailable,
+                format!("the endpoint map is full ({used} endpoints)"),
+            ));
+        }
     }
     if let Some(pool) = conf.pool()? {
         let store = addresses::open_store(conf).map_err(|e| {

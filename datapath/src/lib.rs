@@ -25,7 +25,7 @@ pub use drop_reason::{DropReason, DROP_REASON_SLOTS};
 pub use error::{DatapathError, LoadError, MapError, PinError, TcError};
 pub use sys::{SysError, TestRun};
 pub use tc::{Attachment, TC_HANDLE, TC_PRIORITY};
-pub use types::{Endpoint, EndpointStats, ENDPOINT_F_SHAPED};
+pub use types::{Endpoint, EndpointStats, ENDPOINT_F_SHAPED, MAX_ENDPOINTS};
 
 use maps::Maps;
 

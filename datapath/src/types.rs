@@ -11,6 +11,23 @@ use crate::drop_reason::{DropReason, DROP_REASON_SLOTS};
 /// Mirrors `ENDPOINT_F_SHAPED` in bpf/lib/common.h.
 pub const ENDPOINT_F_SHAPED: u32 = 1;
 
+/// Capacity of the endpoint map (FERRITE_MAX_ENDPOINTS in bpf/lib/common.h).
+pub const MAX_ENDPOINTS: usize = 16384;
+
+#[cfg(test)]
+mod capacity_tests {
+    #[test]
+    fn max_endpoints_mirrors_the_c_header() {
+        let header = include_str!("../bpf/lib/common.h");
+        let line = header
+            .lines()
+            .find(|l| l.starts_with("#define FERRITE_MAX_ENDPOINTS"))
+            .expect("FERRITE_MAX_ENDPOINTS in common.h");
+        let value: usize = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(value, super::MAX_ENDPOINTS);
+    }
+}
+
 /// A pod on this node, as `from_pod` needs it to check and redirect packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {

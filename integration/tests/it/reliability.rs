@@ -159,6 +159,94 @@ fn killed_at_every_step_converges() {
     assert_clean(&node, "after all failpoints");
 }
 
+/// Starts the plugin in the node namespace with its whole stdin written and
+/// closed, without waiting for it.
+fn spawn_plugin(
+    node: &Node,
+    command: &str,
+    id: &str,
+    ns: &Netns,
+    conf: &[u8],
+) -> std::process::Child {
+    let node_ns = std::fs::File::open(node.ns.path()).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&node_ns);
+    let mut cmd = Command::new(ferrite_bin());
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", ns.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only setns between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    // Close stdin: the plugin reads it to the end before it starts.
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, conf).unwrap();
+    drop(stdin);
+    child
+}
+
+/// Kill the first ADD on a node while it loads and pins the datapath: the
+/// next ADD loads (or finds) complete pins, and no work directory is left.
+#[test]
+fn killed_while_loading_the_datapath_recovers() {
+    if !privileged("killed_while_loading_the_datapath_recovers") {
+        return;
+    }
+    let node = Node::new("10.79.0.0/24").unwrap();
+    let conf = serde_json::to_vec(&node.conf("1.1.0")).unwrap();
+    let root = node.bpffs.path.join("ferrite");
+    let mnt = node.bpffs.path.display().to_string();
+    let mut killed_loading = 0;
+    for delay_ms in [2u64, 5, 10, 20, 30, 40] {
+        // A fresh bpffs: the next ADD is a first one.
+        crate::harness::sh(&format!("umount {mnt} && mount -t bpf bpf {mnt}")).unwrap();
+        let ns = Netns::new("l").unwrap();
+        let id = unique("l");
+        let mut child = spawn_plugin(&node, "ADD", &id, &ns, &conf);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+            if Datapath::open(&root).map(|d| d.is_none()).unwrap_or(true) {
+                killed_loading += 1;
+            }
+        }
+        let _ = child.wait();
+        let inv = node
+            .invoke_raw("ADD", &id, Some(&ns.path()), "eth0", &conf, &[])
+            .unwrap();
+        assert!(inv.ok || inv.code() == 104, "{delay_ms} ms: {}", inv.stdout);
+        assert!(
+            Datapath::open(&root).unwrap().is_some(),
+            "{delay_ms} ms: pins complete"
+        );
+        let leftovers: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{delay_ms} ms: {leftovers:?}");
+        node.invoke_raw("DEL", &id, Some(&ns.path()), "eth0", &conf, &[])
+            .unwrap()
+            .expect_ok();
+        drop(ns);
+        assert_clean(&node, &format!("after a kill at {delay_ms} ms"));
+    }
+    eprintln!("first-load kills: {killed_loading} of 6 landed while the datapath was loading");
+    assert!(killed_loading > 0, "no kill landed during the load");
+}
+
 #[test]
 fn random_kills_converge() {
     if !privileged("random_kills_converge") {
@@ -178,37 +266,13 @@ fn random_kills_converge() {
     for t in 0..trials {
         let ns = Netns::new("r").unwrap();
         let id = unique("r");
-        let node_ns = std::fs::File::open(node.ns.path()).unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&node_ns);
-        let mut cmd = Command::new(ferrite_bin());
         let command = if rnd(4) == 0 { "DEL" } else { "ADD" };
         if command == "DEL" {
             node.invoke_raw("ADD", &id, Some(&ns.path()), "eth0", &conf, &[])
                 .unwrap()
                 .expect_ok();
         }
-        cmd.env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &id)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_NETNS", ns.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: only setns between fork and exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
-        // Close stdin: the plugin reads it to the end before it starts.
-        let mut stdin = child.stdin.take().unwrap();
-        std::io::Write::write_all(&mut stdin, &conf).unwrap();
-        drop(stdin);
+        let mut child = spawn_plugin(&node, command, &id, &ns, &conf);
         std::thread::sleep(Duration::from_micros(rnd(5_000)));
         if child.try_wait().unwrap().is_none() {
             let _ = child.kill();

@@ -195,3 +195,62 @@ fn a_read_only_state_dir_fails_cleanly_and_status_says_so() {
     let st = node.invoke("STATUS", "", None, "", &c, &[]).unwrap();
     assert_eq!(st.code(), 50, "{}", st.stdout);
 }
+
+#[test]
+fn a_full_endpoint_map_fails_cleanly_and_status_says_so() {
+    if !privileged("a_full_endpoint_map_fails_cleanly_and_status_says_so") {
+        return;
+    }
+    use ferrite_datapath::{Datapath, Endpoint, MAX_ENDPOINTS};
+    let node = Node::new("10.89.0.0/24").unwrap();
+    let a = node.add_pod("1.1.0").unwrap();
+    let dp = Datapath::open(&node.bpffs.path.join("ferrite"))
+        .unwrap()
+        .unwrap();
+    let filler = Endpoint {
+        ifindex: 999_999,
+        flags: 0,
+        pod_mac: [2, 0, 0, 0, 0, 1],
+        host_mac: [2, 0, 0, 0, 0, 2],
+    };
+    let used = dp.endpoints().unwrap().len();
+    for i in 0..(MAX_ENDPOINTS - used) as u32 {
+        let ip = std::net::Ipv4Addr::from(0xac10_0000 + i);
+        dp.upsert_endpoint(ip.into(), &filler).unwrap();
+    }
+    let st = node
+        .invoke("STATUS", "", None, "", &node.conf("1.1.0"), &[])
+        .unwrap();
+    assert_eq!(st.code(), 50, "{}", st.stdout);
+    assert!(st.json()["msg"].as_str().unwrap().contains("full"));
+    let before = node.links().unwrap();
+    let ns = crate::harness::Netns::new("p").unwrap();
+    let inv = node
+        .invoke(
+            "ADD",
+            &crate::harness::unique("c"),
+            Some(&ns.path()),
+            "eth0",
+            &node.conf("1.1.0"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(inv.code(), 103, "{}", inv.stdout);
+    assert!(
+        inv.json()["msg"].as_str().unwrap().contains("full"),
+        "{}",
+        inv.stdout
+    );
+    assert_eq!(
+        node.links_settled().unwrap(),
+        before,
+        "a failed ADD left links"
+    );
+    assert_eq!(
+        node.allocations().len(),
+        1,
+        "only the first pod holds an address"
+    );
+    a.check().unwrap().expect_ok();
+    dp.forget_interface(999_999).unwrap();
+}

@@ -117,7 +117,20 @@ fn a_new_datapath_takes_over_running_pods() {
         std::thread::sleep(Duration::from_millis(700));
         *node.bin.lock().unwrap() = new_bin.clone();
         let c = node.add_pod("1.1.0").unwrap();
-        std::thread::sleep(Duration::from_millis(700));
+        // An old pod to the new one, from the moment it exists.
+        let old_new =
+            a.ns.exec(&format!(
+                "busybox ping -q -i 0.01 -c 100 -W 3 {} || true",
+                c.ip()
+            ))
+            .unwrap();
+        let (sent, received) = ping_loss(&old_new);
+        eprintln!("upgrade: old -> new pod ping {received}/{sent} answered (10 ms apart)");
+        assert!(
+            sent >= 90 && sent - received <= 2,
+            "old -> new lost {} of {sent}",
+            sent - received
+        );
         stop.store(true, Ordering::Relaxed);
         let ping = pinger.join().unwrap();
         (c, st.join().unwrap(), ping)
