@@ -18,20 +18,20 @@ fn main() {
     let bpf_dir = manifest_dir.join("bpf");
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
 
-    println!("cargo:rerun-if-env-changed=CLANG");
+    cargo("rerun-if-env-changed=CLANG");
     // Extra clang flags; tests build a binary whose programs differ with
     // FERRITE_BPF_CFLAGS=-DFERRITE_BUILD_TAG=<n> to exercise an upgrade.
-    println!("cargo:rerun-if-env-changed=FERRITE_BPF_CFLAGS");
-    println!("cargo:rerun-if-changed={}", bpf_dir.display());
+    cargo("rerun-if-env-changed=FERRITE_BPF_CFLAGS");
+    cargo(&format!("rerun-if-changed={}", bpf_dir.display()));
     for header in headers(&bpf_dir.join("lib")) {
-        println!("cargo:rerun-if-changed={}", header.display());
+        cargo(&format!("rerun-if-changed={}", header.display()));
     }
 
     let mut hash = Fnv1a64::new();
     for program in PROGRAMS {
         let source = bpf_dir.join(format!("{program}.c"));
         let object = out_dir.join(format!("{program}.o"));
-        println!("cargo:rerun-if-changed={}", source.display());
+        cargo(&format!("rerun-if-changed={}", source.display()));
         compile(&clang, &manifest_dir, &bpf_dir, &source, &object);
         let bytes =
             fs::read(&object).unwrap_or_else(|e| panic!("reading {}: {e}", object.display()));
@@ -39,10 +39,10 @@ fn main() {
         hash.write(&(bytes.len() as u64).to_le_bytes());
         hash.write(&bytes);
     }
-    println!(
-        "cargo:rustc-env=FERRITE_DATAPATH_VERSION={:016x}",
+    cargo(&format!(
+        "rustc-env=FERRITE_DATAPATH_VERSION={:016x}",
         hash.finish()
-    );
+    ));
 }
 
 fn headers(dir: &Path) -> Vec<PathBuf> {
@@ -53,6 +53,11 @@ fn headers(dir: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
+}
+
+/// Tells cargo something: build scripts speak to cargo on stdout.
+fn cargo(directive: &str) {
+    println!("cargo:{directive}"); // stdout-ok: a cargo directive
 }
 
 fn compile(clang: &str, manifest_dir: &Path, bpf_dir: &Path, source: &Path, object: &Path) {
