@@ -180,3 +180,75 @@ fn spoofed_ipv6_source_is_dropped_and_counted() {
     assert!(row.contains("SPOOFED_IP="), "{stats}");
     assert!(ping6(&a.ns, b.ip()), "its own address still works");
 }
+
+/// A kube-proxy style ip6tables DNAT between two IPv6 pods: the flow the
+/// host stack delivered stays on the host stack, so the answers come back
+/// un-NATed, from the Service address.
+#[test]
+fn ipv6_service_dnat_between_pods() {
+    if !privileged("ipv6_service_dnat_between_pods") {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    let node = Node::new("fd00:75::/64").unwrap();
+    // Services need forwarding on the node, as every Kubernetes node has.
+    node.ns
+        .exec("sysctl -qw net.ipv6.conf.all.forwarding=1")
+        .unwrap();
+    let a = node.add_pod("1.1.0").unwrap();
+    let b = node.add_pod("1.1.0").unwrap();
+    let vip: IpAddr = "fd00:96::10".parse().unwrap();
+    node.ns
+        .exec(&format!(
+            "ip6tables -t nat -A PREROUTING -d {vip} -p tcp --dport 80 -j DNAT --to-destination [{}]:8080",
+            a.ip()
+        ))
+        .unwrap();
+    let listener =
+        a.ns.run(|| TcpListener::bind(SocketAddr::new(a.ip(), 8080)))
+            .unwrap()
+            .unwrap();
+    std::thread::scope(|s| {
+        let server = s.spawn(move || {
+            let (mut c, peer) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            while total < 256 * 1024 {
+                let n = c.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                c.write_all(&buf[..n]).unwrap();
+                total += n;
+            }
+            peer
+        });
+        let mut conn = b
+            .ns
+            .run(|| TcpStream::connect_timeout(&SocketAddr::new(vip, 80), Duration::from_secs(5)))
+            .unwrap()
+            .expect("connect to the IPv6 Service");
+        assert_eq!(conn.peer_addr().unwrap().ip(), vip);
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let data = vec![0x6au8; 256 * 1024];
+        let writer = {
+            let mut w = conn.try_clone().unwrap();
+            s.spawn(move || w.write_all(&data))
+        };
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < 256 * 1024 {
+            let n = conn.read(&mut buf).expect("answers through the Service");
+            assert!(n > 0, "the Service connection closed early");
+            got += n;
+        }
+        writer.join().unwrap().unwrap();
+        drop(conn);
+        // No masquerade between pods: the backend saw the client itself.
+        assert_eq!(server.join().unwrap().ip(), b.ip());
+    });
+}
