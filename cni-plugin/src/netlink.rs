@@ -158,33 +158,13 @@ impl Netlink {
     fn request(&mut self, what: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
         let seq = self.send(msg, NLM_F_REQUEST | NLM_F_ACK | flags)?;
         loop {
-            let n = self.recv(what)?;
-            let mut offset = 0;
-            while offset < n {
-                let bytes = &self.buf[offset..n];
-                let msg =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
-                        NetlinkError::Decode {
-                            request: what.into(),
-                            detail: e.to_string(),
-                        }
-                    })?;
-                let len = msg.header.length as usize;
-                if msg.header.sequence_number == seq {
-                    if let NetlinkPayload::Error(err) = msg.payload {
-                        return match err.code {
-                            None => Ok(()),
-                            Some(code) => Err(NetlinkError::Request {
-                                request: what.into(),
-                                source: std::io::Error::from_raw_os_error(-code.get()),
-                            }),
-                        };
-                    }
+            for msg in self.recv_messages(what, seq)? {
+                if let NetlinkPayload::Error(err) = msg {
+                    return match err.code {
+                        None => Ok(()),
+                        Some(code) => Err(kernel_errno(what, code.get())),
+                    };
                 }
-                if len == 0 {
-                    break;
-                }
-                offset += nl_align(len);
             }
         }
     }
@@ -194,39 +174,47 @@ impl Netlink {
         let seq = self.send(msg, NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut out = Vec::new();
         loop {
-            let n = self.recv(what)?;
-            let mut offset = 0;
-            while offset < n {
-                let bytes = &self.buf[offset..n];
-                let msg =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
-                        NetlinkError::Decode {
-                            request: what.into(),
-                            detail: e.to_string(),
+            for msg in self.recv_messages(what, seq)? {
+                match msg {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(err) => {
+                        if let Some(code) = err.code {
+                            return Err(kernel_errno(what, code.get()));
                         }
-                    })?;
-                let len = msg.header.length as usize;
-                if msg.header.sequence_number == seq {
-                    match msg.payload {
-                        NetlinkPayload::Done(_) => return Ok(out),
-                        NetlinkPayload::Error(err) => {
-                            if let Some(code) = err.code {
-                                return Err(NetlinkError::Request {
-                                    request: what.into(),
-                                    source: std::io::Error::from_raw_os_error(-code.get()),
-                                });
-                            }
-                        }
-                        NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                        _ => {}
                     }
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    _ => {}
                 }
-                if len == 0 {
-                    break;
-                }
-                offset += nl_align(len);
             }
         }
+    }
+
+    /// Receives one datagram and returns the payloads of its messages that
+    /// answer `seq`.
+    fn recv_messages(
+        &mut self,
+        what: &str,
+        seq: u32,
+    ) -> Result<Vec<NetlinkPayload<RouteNetlinkMessage>>> {
+        let n = self.recv(what)?;
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < n {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..n])
+                .map_err(|e| NetlinkError::Decode {
+                    request: what.into(),
+                    detail: e.to_string(),
+                })?;
+            let len = msg.header.length as usize;
+            if msg.header.sequence_number == seq {
+                out.push(msg.payload);
+            }
+            if len == 0 {
+                break;
+            }
+            offset += nl_align(len);
+        }
+        Ok(out)
     }
 
     fn recv(&mut self, what: &str) -> Result<usize> {
@@ -627,6 +615,14 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
         _ => None,
+    }
+}
+
+/// The kernel's negative errno in an NLMSG_ERROR, as an error naming the request.
+fn kernel_errno(what: &str, negative: i32) -> NetlinkError {
+    NetlinkError::Request {
+        request: what.into(),
+        source: std::io::Error::from_raw_os_error(-negative),
     }
 }
 
