@@ -62,23 +62,31 @@ pub fn requested(conf: &NetConf, env: &CniEnv) -> CniResult<Vec<IpAddr>> {
 
 /// Addresses for the pod, in range-set order. Built in: durable in the
 /// store before this returns.
-pub fn allocate(conf: &NetConf, env: &CniEnv) -> CniResult<Vec<IpAddr>> {
-    match &conf.ipam {
-        Ipam::Builtin { .. } => {
-            let pool = conf.pool()?.expect("built-in IPAM has a pool");
+/// `pool` is the built-in pool ADD already validated (None when delegated).
+pub fn allocate(
+    conf: &NetConf,
+    env: &CniEnv,
+    pool: Option<&ferrite_ipam::Pool>,
+) -> CniResult<Vec<IpAddr>> {
+    match (&conf.ipam, pool) {
+        (Ipam::Builtin { .. }, Some(pool)) => {
             let requested = requested(conf, env)?;
             let store = open_store(conf)?;
             let mut locked = store.lock().map_err(|e| store_error(&conf.state_dir, &e))?;
             let allocs = locked
                 .state()
-                .allocate(&pool, &owner(env), &requested)
+                .allocate(pool, &owner(env), &requested)
                 .map_err(ipam_error)?;
             locked
                 .commit()
                 .map_err(|e| store_error(&conf.state_dir, &e))?;
             Ok(allocs.iter().map(|a| a.address.ip()).collect())
         }
-        Ipam::Delegated { plugin } => {
+        (Ipam::Builtin { .. }, None) => Err(CniError::new(
+            Code::InvalidConfig,
+            "built-in IPAM without a validated pool",
+        )),
+        (Ipam::Delegated { plugin }, _) => {
             let out = delegate(conf, env, plugin, "ADD")?;
             let value: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
                 CniError::new(

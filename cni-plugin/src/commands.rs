@@ -37,7 +37,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
         |what: &str| log::debug!("{what} at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
     let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
     // Everything that can be refused is refused before anything is touched.
-    conf.pool()?;
+    let pool = conf.pool()?;
     let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
     let netns = pod::open_netns(netns_path)?;
 
@@ -100,7 +100,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     }
     mark("pod namespace open");
 
-    let ips = addresses::allocate(conf, env)?;
+    let ips = addresses::allocate(conf, env, pool.as_ref())?;
     mark("addresses allocated");
     crate::failpoint::hit("add-allocated");
     let mut handles = Handles {
