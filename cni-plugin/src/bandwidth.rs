@@ -11,10 +11,12 @@
 //!   (bpf_redirect) instead of straight into it (bpf_redirect_peer, which
 //!   would skip the qdisc).
 //!
-//! The reference `bandwidth` plugin must not be chained after ferrite with
-//! the capability as well: its egress side adds an `ingress` qdisc, which
-//! cannot coexist with ferrite's clsact ("file exists"), and its ingress
-//! side would collide with ferrite's root TBF.
+//! With `chainedBandwidth: true` the reference `bandwidth` plugin, chained
+//! after ferrite, shapes instead: its egress side adds an `ingress` qdisc,
+//! which cannot coexist with ferrite's clsact ("file exists"), so ferrite
+//! attaches with TCX, installs no qdisc (the plugin's root TBF would collide
+//! with ferrite's) and, for limits it is told about too, keeps the fast path
+//! from skipping the plugin's qdiscs ([`Limits::endpoint_flags`]).
 
 use crate::config::Bandwidth;
 use crate::error::{CniError, CniResult, Code};
@@ -127,10 +129,21 @@ impl Limits {
         })
     }
 
-    /// Traffic to the pod is shaped: the fast path must go through the
-    /// host veth's qdisc.
-    pub fn shapes_ingress(&self) -> bool {
-        self.ingress.is_some()
+    /// The endpoint flags that keep the fast path from skipping the
+    /// shaping: traffic to the pod goes through the host veth's root qdisc
+    /// (ferrite's TBF, or a chained plugin's); traffic from the pod, when a
+    /// chained plugin shapes it at the host veth's ingress, is passed on to
+    /// that plugin's filter instead of redirected. ferrite's own egress TBF
+    /// sits on the pod's eth0, before the redirect, and needs no flag.
+    pub fn endpoint_flags(&self, chained: bool) -> u32 {
+        let mut flags = 0;
+        if self.ingress.is_some() {
+            flags |= ferrite_datapath::ENDPOINT_F_SHAPED;
+        }
+        if chained && self.egress.is_some() {
+            flags |= ferrite_datapath::ENDPOINT_F_VIA_STACK;
+        }
+        flags
     }
 }
 
@@ -198,8 +211,25 @@ mod tests {
             ..Default::default()
         }))
         .unwrap();
-        assert!(!l.shapes_ingress());
+        assert!(l.ingress.is_none());
         assert!(l.egress.is_some());
+    }
+
+    #[test]
+    fn flags_route_shaped_traffic_through_the_qdiscs() {
+        use ferrite_datapath::{ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK};
+        let both = Limits::from_config(Some(&Bandwidth {
+            ingress_rate: Some(1_000_000),
+            egress_rate: Some(1_000_000),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(both.endpoint_flags(false), ENDPOINT_F_SHAPED);
+        assert_eq!(
+            both.endpoint_flags(true),
+            ENDPOINT_F_SHAPED | ENDPOINT_F_VIA_STACK
+        );
+        assert_eq!(Limits::default().endpoint_flags(true), 0);
     }
 
     #[test]

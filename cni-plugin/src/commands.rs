@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
 
-use ferrite_datapath::{Datapath, Endpoint};
+use ferrite_datapath::{AttachMode, Datapath, Endpoint};
 use ipnetwork::IpNetwork;
 
 use crate::addresses;
@@ -144,7 +144,13 @@ fn setup(
         ips,
     };
     let link = pod::create(host_nl, pod_nl, netns, &spec)?;
-    let shaped = bandwidth::apply(limits, host_nl, link.host.index, pod_nl, &env.ifname);
+    // With a chained bandwidth plugin, that plugin shapes; ferrite only
+    // leaves room for its qdiscs and routes the pod's traffic through them.
+    let shaped = if conf.chained_bandwidth {
+        Ok(())
+    } else {
+        bandwidth::apply(limits, host_nl, link.host.index, pod_nl, &env.ifname)
+    };
     if let Err(err) = shaped {
         if let Err(undo) = host_nl.link_del(link.host.index) {
             log::warn!("rollback: cannot delete {host_name}: {undo}");
@@ -153,17 +159,20 @@ fn setup(
     }
     let endpoint = Endpoint {
         ifindex: link.host.index,
-        flags: if limits.shapes_ingress() {
-            ferrite_datapath::ENDPOINT_F_SHAPED
-        } else {
-            0
-        },
+        flags: limits.endpoint_flags(conf.chained_bandwidth),
         pod_mac: link.pod_mac,
         host_mac: link.host.mac,
     };
     crate::failpoint::hit("add-configured");
     let wired = dp
-        .attach(link.host.index)
+        .attach(
+            link.host.index,
+            if conf.chained_bandwidth {
+                AttachMode::Tcx
+            } else {
+                AttachMode::Clsact
+            },
+        )
         .map_err(|e| datapath_error("cannot attach the datapath to the host veth", &e))
         .and_then(|()| {
             crate::failpoint::hit("add-attached");

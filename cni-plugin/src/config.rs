@@ -80,6 +80,10 @@ pub struct NetConf {
     pub state_dir: PathBuf,
     pub log_file: Option<PathBuf>,
     pub log_level: LogLevel,
+    /// `chainedBandwidth`: the reference `bandwidth` plugin follows in the
+    /// chain and shapes; ferrite installs no qdisc and attaches with TCX so
+    /// that the plugin's `ingress` qdisc can coexist.
+    pub chained_bandwidth: bool,
     pub runtime_config: RuntimeConfig,
     /// Addresses from `args.cni.ips`.
     pub args_ips: Vec<String>,
@@ -110,6 +114,8 @@ struct RawConf {
     log_file: Option<String>,
     #[serde(default)]
     log_level: Option<LogLevel>,
+    #[serde(default)]
+    chained_bandwidth: Option<bool>,
     #[serde(default)]
     runtime_config: Option<RuntimeConfig>,
     #[serde(default)]
@@ -235,6 +241,7 @@ impl NetConf {
             state_dir,
             log_file,
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
+            chained_bandwidth: raw.chained_bandwidth.unwrap_or(false),
             runtime_config: raw.runtime_config.unwrap_or_default(),
             args_ips,
             prev_result: raw.prev_result,
@@ -465,6 +472,7 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert!(matches!(c.ipam, Ipam::Builtin { .. }));
         assert_eq!(c.log_level, LogLevel::Info);
+        assert!(!c.chained_bandwidth);
     }
 
     #[test]
@@ -474,6 +482,13 @@ mod tests {
         assert_eq!(e.code, Code::InvalidConfig);
         let e = NetConf::parse(&conf(r#","mtu":20"#)).unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
+        let e = NetConf::parse(&conf(r#","chainedBandwidth":"yes""#)).unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+        assert!(
+            NetConf::parse(&conf(r#","chainedBandwidth":true"#))
+                .unwrap()
+                .chained_bandwidth
+        );
     }
 
     #[test]

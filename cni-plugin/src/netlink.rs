@@ -487,26 +487,27 @@ impl Netlink {
         )
     }
 
-    /// `tc qdisc show dev <index> root`: the kind of the root qdisc, if any.
-    pub fn qdisc_root_kind(&mut self, index: u32) -> Result<Option<String>> {
+    /// `tc qdisc show dev <index>`: (at the root?, kind) of each qdisc.
+    pub fn qdiscs(&mut self, index: u32) -> Result<Vec<(bool, String)>> {
         use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
         let mut msg = TcMessage::default();
         msg.header.index = index as i32;
         let replies = self.dump("qdisc show", RouteNetlinkMessage::GetQueueDiscipline(msg))?;
+        let mut out = Vec::new();
         for m in replies {
             let RouteNetlinkMessage::NewQueueDiscipline(q) = m else {
                 continue;
             };
-            if q.header.index != index as i32 || q.header.parent != TcHandle::ROOT {
+            if q.header.index != index as i32 {
                 continue;
             }
             for attr in &q.attributes {
                 if let TcAttribute::Kind(k) = attr {
-                    return Ok(Some(k.clone()));
+                    out.push((q.header.parent == TcHandle::ROOT, k.clone()));
                 }
             }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// `ip neigh show dev <index>`

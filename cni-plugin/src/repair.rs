@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ferrite_datapath::{Datapath, Endpoint, ENDPOINT_F_SHAPED};
+use ferrite_datapath::{AttachMode, Datapath, Endpoint, ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK};
 
 use crate::addresses;
 use crate::config::NetConf;
@@ -77,16 +77,31 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
             report.skipped += ips.len();
             continue;
         };
-        let shaped = nl
-            .qdisc_root_kind(link.index)
-            .map_err(|e| pod::kernel_error("cannot read the host veth's qdisc", &e))?
-            .as_deref()
-            == Some("tbf");
+        // Shaping, ferrite's or a chained plugin's, is in the qdiscs.
+        let qdiscs = nl
+            .qdiscs(link.index)
+            .map_err(|e| pod::kernel_error("cannot read the host veth's qdiscs", &e))?;
+        let mut flags = 0;
+        if qdiscs.iter().any(|(root, kind)| *root && kind == "tbf") {
+            flags |= ENDPOINT_F_SHAPED;
+        }
+        if qdiscs.iter().any(|(_, kind)| kind == "ingress") {
+            flags |= ENDPOINT_F_VIA_STACK;
+        }
+        // A veth keeps the attach mode it was made with.
+        let mode = Datapath::attach_mode_of(link.index)
+            .map_err(|e| dp_err("cannot query the host veth's programs", &e))?
+            .unwrap_or(if conf.chained_bandwidth {
+                AttachMode::Tcx
+            } else {
+                AttachMode::Clsact
+            });
         found.push((
             ips,
+            mode,
             Endpoint {
                 ifindex: link.index,
-                flags: if shaped { ENDPOINT_F_SHAPED } else { 0 },
+                flags,
                 pod_mac,
                 host_mac: link.mac,
             },
@@ -94,14 +109,14 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
     }
     // Every endpoint into the map first, then the programs that read it:
     // a pod moved early must already find the ones moved late.
-    for (ips, ep) in &found {
+    for (ips, _, ep) in &found {
         for ip in ips {
             dp.upsert_endpoint(*ip, ep)
                 .map_err(|e| dp_err("cannot restore an endpoint", &e))?;
         }
     }
-    for (_, ep) in &found {
-        dp.attach(ep.ifindex)
+    for (_, mode, ep) in &found {
+        dp.attach(ep.ifindex, *mode)
             .map_err(|e| dp_err("cannot re-attach the datapath", &e))?;
         report.restored += 1;
     }

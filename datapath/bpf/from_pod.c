@@ -82,7 +82,11 @@ static __always_inline int handle_arp(struct ethhdr *eth, void *data_end,
 	return bpf_redirect(ifindex, 0);
 }
 
-/* Source IP must belong to this veth's endpoint, source MAC to its pod. */
+/*
+ * Source IP must belong to this veth's endpoint, source MAC to its pod.
+ * Returns a drop reason, 0 to go on, or TC_ACT_UNSPEC when a chained
+ * plugin shapes what this pod sends and must see the packet.
+ */
 static __always_inline int check_source(const union v6addr *saddr,
 					const __u8 *smac, __u32 ifindex)
 {
@@ -92,6 +96,8 @@ static __always_inline int check_source(const union v6addr *saddr,
 		return DROP_SPOOFED_IP;
 	if (!mac_eq(ep->pod_mac, smac))
 		return DROP_SPOOFED_MAC;
+	if (ep->flags & ENDPOINT_F_VIA_STACK)
+		return TC_ACT_UNSPEC;
 	return 0;
 }
 
@@ -161,7 +167,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 	key.proto = ip->protocol;
 
 	ret = check_source(&key.saddr, eth->h_source, ifindex);
-	if (ret < 0)
+	if (ret != 0)
 		return ret;
 
 	/* Fragments carry no ports to match flows on: the stack reassembles. */
@@ -240,7 +246,7 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 	}
 
 	ret = check_source(&key.saddr, eth->h_source, ifindex);
-	if (ret < 0)
+	if (ret != 0)
 		return ret;
 
 	/*
@@ -313,7 +319,8 @@ int from_pod(struct __sk_buff *skb)
 	}
 
 	ret = handle(skb, st, ifindex);
-	if (ret < 0) {
+	/* Drop reasons are all below TC_ACT_UNSPEC, which passes through. */
+	if (ret < TC_ACT_UNSPEC) {
 		count_drop(st, ret);
 		return TC_ACT_SHOT;
 	}

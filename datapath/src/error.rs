@@ -20,6 +20,8 @@ pub enum DatapathError {
     Map(#[from] MapError),
     #[error(transparent)]
     Tc(#[from] TcError),
+    #[error(transparent)]
+    Tcx(#[from] crate::tcx::TcxError),
     /// An operation failed, and so did undoing what it had done.
     #[error("{error}; cleaning up {path} also failed: {rollback}")]
     Rollback {

@@ -13,6 +13,7 @@ mod maps;
 pub mod pin;
 mod sys;
 mod tc;
+mod tcx;
 mod types;
 
 use std::{
@@ -25,7 +26,18 @@ pub use drop_reason::{DropReason, DROP_REASON_SLOTS};
 pub use error::{DatapathError, LoadError, MapError, PinError, TcError};
 pub use sys::{SysError, TestRun};
 pub use tc::{Attachment, TC_HANDLE, TC_PRIORITY};
-pub use types::{Endpoint, EndpointStats, ENDPOINT_F_SHAPED, MAX_ENDPOINTS};
+pub use tcx::TcxError;
+
+/// How the programs sit on a host veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// A clsact qdisc with direct-action filters: about 0.2 ms, and the
+    /// default. Excludes the `ingress` qdisc another plugin may want.
+    Clsact,
+    /// TCX (Linux 6.6): coexists with any qdisc, costs an RCU grace period.
+    Tcx,
+}
+pub use types::{Endpoint, EndpointStats, ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK, MAX_ENDPOINTS};
 
 use maps::Maps;
 
@@ -168,9 +180,23 @@ impl Datapath {
         Ok(pin::remove_dir_all(&bpffs_root.join(version))?)
     }
 
-    /// The ids of the bpf programs attached to `ifindex` (ingress and egress).
+    /// The ids of the bpf programs attached to `ifindex` (ingress and
+    /// egress, tc filters and TCX).
     pub fn attached_program_ids(ifindex: u32) -> Result<Vec<u32>, DatapathError> {
-        Ok(tc::attached_ids(ifindex)?)
+        let mut ids = tc::attached_ids(ifindex)?;
+        let (ingress, egress) = tcx::attached_ids(ifindex)?;
+        ids.extend(ingress);
+        ids.extend(egress);
+        Ok(ids)
+    }
+
+    /// How `ifindex` has ferrite's programs attached, if it has any.
+    pub fn attach_mode_of(ifindex: u32) -> Result<Option<AttachMode>, DatapathError> {
+        let (ingress, egress) = tcx::attached_ids(ifindex)?;
+        if !ingress.is_empty() || !egress.is_empty() {
+            return Ok(Some(AttachMode::Tcx));
+        }
+        Ok((!tc::attached_ids(ifindex)?.is_empty()).then_some(AttachMode::Clsact))
     }
 
     pub fn open(bpffs_root: &Path) -> Result<Option<Datapath>, DatapathError> {
@@ -216,15 +242,16 @@ impl Datapath {
         }
     }
 
-    /// Adds a clsact qdisc to the host veth `ifindex` (if absent) and
-    /// ferrite's direct-action filters: `from_pod` at ingress, `to_pod` at
-    /// egress. Repeating it replaces only ferrite's filters.
-    pub fn attach(&self, ifindex: u32) -> Result<(), DatapathError> {
-        Ok(tc::attach(
-            ifindex,
-            self.from_pod.as_fd(),
-            self.to_pod.as_fd(),
-        )?)
+    /// Attaches `from_pod` at ingress and `to_pod` at egress of the host
+    /// veth `ifindex`. Clsact: adds the qdisc (if absent) and ferrite's
+    /// direct-action filters. TCX: appends the programs. Repeating it
+    /// replaces only ferrite's programs (another version's included).
+    pub fn attach(&self, ifindex: u32, mode: AttachMode) -> Result<(), DatapathError> {
+        let (from_pod, to_pod) = (self.from_pod.as_fd(), self.to_pod.as_fd());
+        match mode {
+            AttachMode::Clsact => Ok(tc::attach(ifindex, from_pod, to_pod)?),
+            AttachMode::Tcx => Ok(tcx::attach(ifindex, from_pod, to_pod)?),
+        }
     }
 
     /// Whether the veth's ingress and egress run this version's programs.
@@ -238,11 +265,13 @@ impl Datapath {
                 source,
             })
         };
-        Ok(tc::attachment(
-            ifindex,
-            id(Program::FromPod)?,
-            id(Program::ToPod)?,
-        )?)
+        let (from_pod, to_pod) = (id(Program::FromPod)?, id(Program::ToPod)?);
+        let filters = tc::attachment(ifindex, from_pod, to_pod)?;
+        let (ingress, egress) = tcx::attached_ids(ifindex)?;
+        Ok(Attachment {
+            ingress: filters.ingress || ingress.contains(&from_pod),
+            egress: filters.egress || egress.contains(&to_pod),
+        })
     }
 
     /// Adds or updates the endpoint for `ip`, with its (zeroed, or kept if

@@ -34,6 +34,15 @@ const BPF_MAP_GET_NEXT_KEY: i32 = 4;
 const BPF_OBJ_GET: i32 = 7;
 const BPF_PROG_TEST_RUN: i32 = 10;
 const BPF_OBJ_GET_INFO_BY_FD: i32 = 15;
+const BPF_PROG_ATTACH: i32 = 8;
+const BPF_PROG_GET_FD_BY_ID: i32 = 13;
+const BPF_PROG_QUERY: i32 = 16;
+
+/// `BPF_TCX_INGRESS` / `BPF_TCX_EGRESS` (enum bpf_attach_type, Linux 6.6).
+pub(crate) const BPF_TCX_INGRESS: u32 = 46;
+pub(crate) const BPF_TCX_EGRESS: u32 = 47;
+/// `BPF_F_REPLACE`: swap `replace_bpf_fd` for the new program in one step.
+const BPF_F_REPLACE: u32 = 1 << 2;
 
 /// `BPF_ANY`: create or update.
 pub(crate) const BPF_ANY: u64 = 0;
@@ -270,4 +279,104 @@ pub(crate) fn prog_test_run(
         packet: out,
         duration_ns: attr.duration,
     })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct AttachAttr {
+    target_ifindex: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    relative_fd: u32,
+    expected_revision: u64,
+}
+
+/// Attaches `prog` to device `ifindex` at a TCX hook (`attach_type`), last
+/// in the chain, or in place of `replace` in one step. Without a link the
+/// attachment lives as long as the device, like a tc filter.
+pub(crate) fn tcx_attach(
+    ifindex: u32,
+    attach_type: u32,
+    prog: BorrowedFd<'_>,
+    replace: Option<BorrowedFd<'_>>,
+) -> Result<(), SysError> {
+    let mut attr = AttachAttr {
+        target_ifindex: ifindex,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    if let Some(old) = replace {
+        attr.attach_flags = BPF_F_REPLACE;
+        attr.replace_bpf_fd = old.as_raw_fd() as u32;
+    }
+    bpf(BPF_PROG_ATTACH, "BPF_PROG_ATTACH", &mut attr).map(drop)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// Ids of the programs attached to device `ifindex` at a TCX hook, in
+/// run order. A device without TCX attachments has none.
+pub(crate) fn tcx_query(ifindex: u32, attach_type: u32) -> Result<Vec<u32>, SysError> {
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        count: ids.len() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_QUERY, "BPF_PROG_QUERY", &mut attr)?;
+    Ok(ids[..(attr.count as usize).min(ids.len())].to_vec())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+    _pad: u32,
+}
+
+/// A file descriptor for the loaded program `id`.
+pub(crate) fn prog_fd_by_id(id: u32) -> Result<OwnedFd, SysError> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, "BPF_PROG_GET_FD_BY_ID", &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A program's name (`bpf_prog_info.name`, at most 15 bytes).
+pub(crate) fn prog_name(prog: BorrowedFd<'_>) -> Result<String, SysError> {
+    // struct bpf_prog_info: name[16] sits at byte 64.
+    let mut info = [0u8; 80];
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD", &mut attr)?;
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }

@@ -10,6 +10,9 @@ use crate::drop_reason::{DropReason, DROP_REASON_SLOTS};
 /// straight into the pod (`bpf_redirect_peer`, which skips qdiscs).
 /// Mirrors `ENDPOINT_F_SHAPED` in bpf/lib/common.h.
 pub const ENDPOINT_F_SHAPED: u32 = 1;
+/// Mirrors `ENDPOINT_F_VIA_STACK` in bpf/lib/common.h: what the pod sends
+/// passes on to a chained plugin's ingress qdisc instead of the fast path.
+pub const ENDPOINT_F_VIA_STACK: u32 = 2;
 
 /// Capacity of the endpoint map (FERRITE_MAX_ENDPOINTS in bpf/lib/common.h).
 pub const MAX_ENDPOINTS: usize = 16384;

@@ -38,6 +38,15 @@ _Static_assert(sizeof(union v6addr) == 16, "v6addr size");
 #define ENDPOINT_F_SHAPED 0x1
 
 /*
+ * endpoint.flags: what the pod sends is shaped by a chained plugin on its
+ * host veth's ingress (the reference bandwidth plugin's ingress qdisc and
+ * ifb), so from_pod checks the source and then passes every packet on
+ * (TC_ACT_UNSPEC: the next TCX program, then that qdisc's filters) instead
+ * of redirecting it.
+ */
+#define ENDPOINT_F_VIA_STACK 0x2
+
+/*
  * skb->mark from_pod sets on a packet it redirects to a shaped pod's host
  * veth, so to_pod does not take it for a flow the host stack delivered.
  * Crossing into the pod namespace scrubs marks; to_pod clears it anyway.

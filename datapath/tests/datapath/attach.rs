@@ -2,7 +2,7 @@
 
 use std::{ffi::CString, process::Command};
 
-use ferrite_datapath::{Attachment, Datapath};
+use ferrite_datapath::{AttachMode, Attachment, Datapath};
 
 use crate::harness::{in_netns, load, privileged, Bpffs};
 
@@ -53,14 +53,14 @@ fn attach_reports_both_directions_and_repeats_in_place() {
         let veth = make_veths("fa", 1)[0];
         assert_eq!(t.dp.attachment(veth).unwrap(), Attachment::default());
 
-        t.dp.attach(veth).unwrap();
+        t.dp.attach(veth, AttachMode::Clsact).unwrap();
         let both = Attachment {
             ingress: true,
             egress: true,
         };
         assert_eq!(t.dp.attachment(veth).unwrap(), both);
 
-        t.dp.attach(veth).unwrap();
+        t.dp.attach(veth, AttachMode::Clsact).unwrap();
         assert_eq!(t.dp.attachment(veth).unwrap(), both);
         for dir in ["ingress", "egress"] {
             let shown = filters("fah0", dir);
@@ -71,7 +71,7 @@ fn attach_reports_both_directions_and_repeats_in_place() {
         let other = Bpffs::mount("attach-other");
         let (other_dp, _) = Datapath::open_or_load(&other.root()).unwrap();
         assert_eq!(other_dp.attachment(veth).unwrap(), Attachment::default());
-        other_dp.attach(veth).unwrap();
+        other_dp.attach(veth, AttachMode::Clsact).unwrap();
         assert_eq!(
             t.dp.attachment(veth).unwrap(),
             Attachment::default(),
@@ -88,7 +88,7 @@ fn attach_to_a_missing_device_fails() {
     }
     in_netns(|| {
         let t = load("attach-missing");
-        let err = t.dp.attach(4242).unwrap_err();
+        let err = t.dp.attach(4242, AttachMode::Clsact).unwrap_err();
         assert!(err.to_string().contains("ifindex 4242"), "{err}");
     });
 }

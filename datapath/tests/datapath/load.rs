@@ -6,7 +6,7 @@ use std::{
     time::Instant,
 };
 
-use ferrite_datapath::{Datapath, DatapathError, LoadOutcome, DATAPATH_VERSION};
+use ferrite_datapath::{AttachMode, Datapath, DatapathError, LoadOutcome, DATAPATH_VERSION};
 
 use crate::harness::{in_netns, privileged, unique, Bpffs, Pod};
 
@@ -149,12 +149,12 @@ fn costs() {
         let ifindexes = crate::attach::make_veths("cost", veths);
         let t = Instant::now();
         for ifindex in &ifindexes {
-            dp.attach(*ifindex).unwrap();
+            dp.attach(*ifindex, AttachMode::Clsact).unwrap();
         }
         let attach = t.elapsed() / veths;
         let t = Instant::now();
         for ifindex in &ifindexes {
-            dp.attach(*ifindex).unwrap();
+            dp.attach(*ifindex, AttachMode::Clsact).unwrap();
         }
         let reattach = t.elapsed() / veths;
         let t = Instant::now();

@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use ferrite_datapath::{DropReason, Program, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use ferrite_datapath::{
+    DropReason, Program, ENDPOINT_F_VIA_STACK, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+};
 
 use crate::{
     harness::{in_netns, load, privileged, Pod},
@@ -57,6 +59,39 @@ fn ipv4_to_local_pod_is_redirected_and_rewritten() {
         let sb = t.dp.stats(b.ifindex).unwrap().unwrap();
         assert_eq!(sb.redirected_in_packets, 1);
         assert_eq!(sb.redirected_in_bytes, pkt.len() as u64);
+    });
+}
+
+/// A pod whose sending a chained plugin shapes at the host veth's ingress
+/// (ENDPOINT_F_VIA_STACK): its packets are still checked, then passed on
+/// (TC_ACT_UNSPEC, so the plugin's filter runs) rather than redirected.
+#[test]
+fn via_stack_pod_is_checked_then_passed_on() {
+    if !privileged("via_stack_pod_is_checked_then_passed_on") {
+        return;
+    }
+    in_netns(|| {
+        let t = load("viastack");
+        let a = Pod::new("10.244.1.2", 1, 1);
+        let mut ep = a.endpoint();
+        ep.flags = ENDPOINT_F_VIA_STACK;
+        t.dp.upsert_endpoint(a.ip, &ep).unwrap();
+        let b = Pod::new("10.244.1.3", 42, 2).add_to(&t.dp);
+        let pkt = ip(a.mac, a.host_mac, a.ip, b.ip, IPPROTO_UDP, 64, &udp(1, 2));
+
+        let run = t.dp.test_run(Program::FromPod, &pkt, a.ifindex).unwrap();
+        assert_eq!(run.verdict, -1, "TC_ACT_UNSPEC");
+        assert_eq!(run.packet, pkt, "untouched");
+
+        // The check still comes first.
+        let spoofed = ip(a.mac, a.host_mac, b.ip, a.ip, IPPROTO_UDP, 64, &udp(1, 2));
+        let run =
+            t.dp.test_run(Program::FromPod, &spoofed, a.ifindex)
+                .unwrap();
+        assert_eq!(run.verdict, TC_ACT_SHOT);
+
+        let s = t.dp.stats(a.ifindex).unwrap().unwrap();
+        assert_eq!((s.from_pod_packets, s.redirected_packets), (2, 0));
     });
 }
 

@@ -621,3 +621,127 @@ fn bandwidth_limits_both_directions() {
     }
     shaped.del().unwrap();
 }
+
+/// `chainedBandwidth`: the reference bandwidth plugin, chained after ferrite
+/// with the capability (both declare it, as the README says), shapes both
+/// directions with its own qdiscs (a root TBF, and an `ingress` qdisc that
+/// sends what the pod emits through an ifb). ferrite attaches with TCX so
+/// that qdisc can coexist, installs none of its own, and keeps the fast
+/// path from skipping them: a pod whose sending is limited has its packets
+/// passed on to the plugin's filter, never redirected.
+#[test]
+fn chained_bandwidth_plugin_shapes_beside_the_fast_path() {
+    if !privileged("chained_bandwidth_plugin_shapes_beside_the_fast_path") {
+        return;
+    }
+    const INGRESS: u64 = 40_000_000;
+    const EGRESS: u64 = 20_000_000;
+    let node = Node::new("10.78.0.0/24").unwrap();
+    // What the shaped pod sends leaves the plugin's ifb into the stack.
+    enable_forwarding(&node);
+    node.ns
+        .exec(&format!("ip addr add {NODE_IP}/32 dev lo"))
+        .unwrap();
+    let peer = node.add_pod("1.0.0").unwrap();
+    let mut shaped = Chain::new(
+        &node,
+        json!({"chainedBandwidth": true, "capabilities": {"bandwidth": true}}),
+        vec![json!({"type": "bandwidth", "capabilities": {"bandwidth": true}})],
+        // Bursts in bits: the reference plugin takes containerd's "unset"
+        // (u32::MAX) literally, a 512 MB bucket that would not shape a
+        // short test at all.
+        json!({"bandwidth": {
+            "ingressRate": INGRESS, "ingressBurst": 1_000_000u64,
+            "egressRate": EGRESS, "egressBurst": 1_000_000u64,
+        }}),
+    )
+    .unwrap();
+    let result = shaped.add().unwrap().clone();
+    // CHECK of both: ferrite finds its programs attached (by TCX), the
+    // plugin finds its qdiscs.
+    shaped.check().unwrap();
+    let ifb = result["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .find(|n| n.starts_with("bwp"))
+        .unwrap_or_else(|| panic!("the plugin's ifb in {result}"))
+        .to_string();
+    let host_qdisc = node
+        .ns
+        .exec(&format!("tc qdisc show dev {}", shaped.host_veth()))
+        .unwrap();
+    assert!(host_qdisc.contains("qdisc tbf 1: root"), "{host_qdisc}");
+    assert!(host_qdisc.contains("qdisc ingress ffff:"), "{host_qdisc}");
+    assert!(!host_qdisc.contains("clsact"), "{host_qdisc}");
+    let pod_qdisc = shaped.ns.exec("tc qdisc show dev eth0").unwrap();
+    assert!(
+        !pod_qdisc.contains("tbf"),
+        "ferrite shaped too: {pod_qdisc}"
+    );
+
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    let before = node.stats().unwrap();
+    let to_pod_same_node = iperf3(&shaped.ns, shaped.ip(), &peer.ns, 3).unwrap();
+    let mid = node.stats().unwrap();
+    let from_pod_same_node = iperf3(&peer.ns, peer.ip(), &shaped.ns, 3).unwrap();
+    let after = node.stats().unwrap();
+    let to_pod_from_node = iperf3(&shaped.ns, shaped.ip(), &node.ns, 3).unwrap();
+    let from_pod_to_node = iperf3(&node.ns, node_ip, &shaped.ns, 3).unwrap();
+    let mbit = |v: f64| v / 1e6;
+    eprintln!(
+        "chained bandwidth (Mbit/s): ingress limit {} -> same-node {:.1}, from node {:.1}; \
+         egress limit {} -> same-node {:.1}, to node {:.1}",
+        INGRESS / 1_000_000,
+        mbit(to_pod_same_node),
+        mbit(to_pod_from_node),
+        EGRESS / 1_000_000,
+        mbit(from_pod_same_node),
+        mbit(from_pod_to_node),
+    );
+    // The shaped pod's packets are never redirected, so the plugin's ifb
+    // sees every one; its answers reach the peer through the stack, which
+    // makes the whole flow a stack flow (the peer's packets follow, past
+    // the first SYN), as for any flow the stack delivered.
+    let pd = delta(
+        endpoint_counters(&mid, peer.ip()),
+        endpoint_counters(&before, peer.ip()),
+    );
+    let sd = delta(
+        endpoint_counters(&after, shaped.ip()),
+        endpoint_counters(&mid, shaped.ip()),
+    );
+    eprintln!("peer to shaped pod: {pd:?}; shaped pod to peer: {sd:?}");
+    assert!(sd[1] > 1_000_000, "the shaped pod sent its stream: {sd:?}");
+    assert_eq!(sd[2], 0, "the shaped pod's packets skipped the ifb: {sd:?}");
+    assert!(
+        pd[1] > 1_000_000 && pd[2] <= 3,
+        "peer -> shaped pod: {pd:?}"
+    );
+    for (what, got, want) in [
+        ("to the pod, same node", to_pod_same_node, INGRESS),
+        ("to the pod, from the node", to_pod_from_node, INGRESS),
+        ("from the pod, same node", from_pod_same_node, EGRESS),
+        ("from the pod, to the node", from_pod_to_node, EGRESS),
+    ] {
+        assert!(
+            within(got, want, 0.15),
+            "{what}: {:.1} Mbit/s, limit {} Mbit/s",
+            mbit(got),
+            want / 1_000_000
+        );
+    }
+    let shaped_ip = shaped.ip().to_string();
+    shaped.del().unwrap();
+    let links = node.ns.exec("ip -o link show").unwrap();
+    assert!(
+        !links.contains(&ifb),
+        "the plugin's DEL left {ifb}:\n{links}"
+    );
+    let left = node.allocations();
+    assert!(
+        !left.iter().any(|a| a.contains(&shaped_ip)),
+        "{shaped_ip} still allocated: {left:?}"
+    );
+}

@@ -221,3 +221,50 @@ fn a_wiped_bpffs_is_repaired() {
     let c = node.add_pod("1.1.0").unwrap();
     assert!(a.ns.ping(c.ip()) && c.ns.ping(b.ip()));
 }
+
+/// Program ids on a host veth in the node namespace (tc filters and TCX).
+fn program_ids(node: &Node, veth: &str) -> Vec<u32> {
+    let name = std::ffi::CString::new(veth).unwrap();
+    node.ns
+        .run(|| {
+            // SAFETY: a valid C string; the call only reads it.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(index, 0, "{veth} exists");
+            Datapath::attached_program_ids(index).unwrap()
+        })
+        .unwrap()
+}
+
+/// The same repair for pods attached with TCX (`chainedBandwidth`): the new
+/// programs take the old ones' places in one step each, so every hook still
+/// runs exactly one ferrite program.
+#[test]
+fn a_wiped_bpffs_is_repaired_under_tcx() {
+    if !privileged("a_wiped_bpffs_is_repaired_under_tcx") {
+        return;
+    }
+    let mut node = Node::new("10.87.0.0/24").unwrap();
+    node.extra = serde_json::json!({"chainedBandwidth": true});
+    let a = node.add_pod("1.1.0").unwrap();
+    let b = node.add_pod("1.1.0").unwrap();
+    let old = program_ids(&node, &a.host_veth());
+    assert_eq!(old.len(), 2, "from_pod and to_pod by TCX: {old:?}");
+    let mnt = node.bpffs.path.display().to_string();
+    sh(&format!("umount {mnt} && mount -t bpf bpf {mnt}")).unwrap();
+    assert!(a.ns.ping(b.ip()));
+
+    let conf = node.state.path.join("repair.json");
+    std::fs::write(&conf, serde_json::to_vec(&node.conf("1.1.0")).unwrap()).unwrap();
+    let out = node
+        .ferrite(&["repair", "--conf", conf.to_str().unwrap()])
+        .unwrap();
+    assert!(out.contains("2 pods restored"), "{out}");
+    for p in [&a, &b] {
+        let now = program_ids(&node, &p.host_veth());
+        assert_eq!(now.len(), 2, "one program per hook: {now:?}");
+        assert!(now.iter().all(|id| !old.contains(id)), "{old:?} -> {now:?}");
+        p.check().unwrap().expect_ok();
+    }
+    let c = node.add_pod("1.1.0").unwrap();
+    assert!(a.ns.ping(c.ip()) && c.ns.ping(b.ip()));
+}
