@@ -1,0 +1,204 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `ferrite-agent`: ferrite's node agent, run by a DaemonSet on every node.
+//!
+//! ```text
+//! ferrite-agent run [flags]         watch Nodes, keep this node's network set up
+//! ferrite-agent uninstall [flags]   remove everything ferrite put on this node
+//! ferrite-agent version | help
+//! ```
+
+mod logging;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use ferrite_agent::config::{self, Config};
+use ferrite_agent::fastpath::{FastPath, PendingFastPath, PinnedDatapath};
+use ferrite_agent::metrics::AgentState;
+use ferrite_agent::sync::{self, NodeAgent};
+use ferrite_agent::{http, watch};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferrite-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() -> String {
+    format!(
+        "usage: ferrite-agent run|uninstall [flags]\n       ferrite-agent version\n\nflags (and the environment variables they fall back to):\n{}",
+        config::usage()
+    )
+}
+
+fn run() -> Result<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env = |k: &str| std::env::var(k).ok();
+    match args.first().map(String::as_str) {
+        Some("run") => {
+            let cfg = Config::parse(&args[1..], &env)?;
+            cfg.check_for_run()?;
+            logging::init(cfg.log_level);
+            agent(cfg)
+        }
+        Some("uninstall") => {
+            let cfg = Config::parse(&args[1..], &env)?;
+            logging::init(cfg.log_level);
+            uninstall(&cfg)
+        }
+        Some("version") | Some("--version") => {
+            writeln!(
+                std::io::stdout().lock(),
+                "ferrite-agent {} (datapath {})",
+                env!("CARGO_PKG_VERSION"),
+                ferrite_datapath::DATAPATH_VERSION
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("help") | Some("--help") | Some("-h") => {
+            write!(std::io::stdout().lock(), "{}", usage())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprint!("{}", usage());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// The cross-node fast path, or nothing while the datapath lacks it.
+fn fast_path() -> Box<dyn FastPath> {
+    Box::new(PendingFastPath)
+}
+
+fn agent(cfg: Config) -> Result<ExitCode> {
+    log::info!(
+        "ferrite-agent {} (datapath {}) on node {}",
+        env!("CARGO_PKG_VERSION"),
+        ferrite_datapath::DATAPATH_VERSION,
+        cfg.node_name.as_deref().unwrap_or_default()
+    );
+    let state = Arc::new(AgentState::default());
+    let (updates, snapshots) = std::sync::mpsc::channel();
+    let node_agent = NodeAgent::new(cfg.clone(), state.clone(), fast_path());
+    let resync = cfg.resync;
+    let worker = std::thread::Builder::new()
+        .name("ferrite-sync".into())
+        .spawn(move || sync::sync_loop(node_agent, snapshots, resync))
+        .context("starting the sync thread")?;
+
+    // One thread runs the API watch and the HTTP server; the netlink work
+    // happens on the sync thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+            .await
+            .with_context(|| format!("listening on {}", cfg.metrics_addr))?;
+        log::info!("serving /healthz, /readyz and /metrics on {}", cfg.metrics_addr);
+        let server = tokio::spawn(http::serve(listener, state.clone()));
+
+        let client = kube_client(&cfg).await?;
+        let watch = tokio::spawn(watch::watch_nodes(client, updates, state.clone()));
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: exiting, leaving the node's network as it is"),
+            _ = tokio::signal::ctrl_c() => log::info!("interrupted: exiting, leaving the node's network as it is"),
+            r = server => bail!("the HTTP server stopped: {:?}", r),
+            _ = watch => bail!("the Node watch stopped"),
+        }
+        Ok(())
+    })?;
+    // The sync thread may be in the middle of a netlink request; every step
+    // is idempotent, so the next start finishes whatever this one began.
+    drop(worker);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn kube_client(cfg: &Config) -> Result<kube::Client> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config and no kubeconfig")?,
+    };
+    log::info!("API server {}", config.cluster_url);
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+fn uninstall(cfg: &Config) -> Result<ExitCode> {
+    let mut fast_path = fast_path();
+    let pins = PinnedDatapath {
+        root: cfg.bpffs_root.clone(),
+    };
+    let report = sync::uninstall(cfg, fast_path.as_mut(), &pins);
+    log::info!(
+        "uninstall: conflist {}, plugin {}, {} routes, masquerade table {}, fast path checked on {} links, datapath versions {:?}",
+        if report.conflist { "removed" } else { "absent" },
+        if report.plugin { "removed" } else { "absent" },
+        report.routes,
+        if report.masquerade_table { "removed" } else { "absent" },
+        report.detached_links,
+        report.pin_versions
+    );
+    for e in &report.errors {
+        log::error!("{e}");
+    }
+    if report.errors.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!(
+            "uninstall left {} problems (logged above)",
+            report.errors.len()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The TLS stack is rustls with ring: building a client for an https
+    /// server must not need a crypto provider installed by hand.
+    #[test]
+    fn https_client_builds_with_ring() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+            kube::Client::try_from(config).expect("client");
+        });
+    }
+
+    #[test]
+    fn usage_lists_every_flag() {
+        let u = usage();
+        for flag in [
+            "--node-name",
+            "--cluster-cidr",
+            "--masquerade",
+            "--fast-path",
+            "--metrics-addr",
+        ] {
+            assert!(u.contains(flag), "{flag}");
+        }
+    }
+}

@@ -1,0 +1,653 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The agent's work on the node, driven by complete lists of Nodes: the
+//! first time its own Node has pod CIDRs it loads the datapath, installs the
+//! plugin, builds the masquerade table, syncs routes and finally writes the
+//! conflist; every later list re-checks all of it and changes only what
+//! differs. Runs on one thread with blocking netlink sockets, so the tests
+//! can run it inside a network namespace without an API server.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferrite_datapath::{Datapath, DatapathError, LoadOutcome};
+use ipnetwork::IpNetwork;
+
+use crate::config::Config;
+use crate::conflist::{self, ConflistParams};
+use crate::fastpath::{remove_all_pins, DatapathPins, FastPath, FastPathError};
+use crate::files::{self, FileError};
+use crate::masquerade::{self, Family, MasqueradeSpec};
+use crate::metrics::AgentState;
+use crate::netlink::{LinkAddress, Netlink, NetlinkError};
+use crate::nft::{NfTables, NftError};
+use crate::node::{desired_routes, node_ips, NodeInfo};
+use crate::routes::{plan, RTPROT_FERRITE_NODES};
+
+/// A complete view of the cluster's Nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeInfo>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("loading the datapath under {root}: {source}")]
+    Datapath {
+        root: PathBuf,
+        #[source]
+        source: DatapathError,
+    },
+    #[error("installing the plugin: {0}")]
+    Plugin(#[source] FileError),
+    #[error("writing the conflist: {0}")]
+    Conflist(#[source] FileError),
+    #[error("masquerade: {0}")]
+    Masquerade(#[source] NftError),
+    #[error("routes: {0}")]
+    Routes(#[source] NetlinkError),
+    #[error("fast path: {0}")]
+    FastPath(#[source] FastPathError),
+    #[error("removing the datapath pins: {0}")]
+    Pins(#[source] DatapathError),
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Set when the agent is still waiting for its Node (and why).
+    pub waiting: Option<String>,
+    pub routes_replaced: usize,
+    pub routes_deleted: usize,
+    pub routes_programmed: usize,
+    pub wrote_conflist: bool,
+    pub installed_plugin: bool,
+    pub warnings: Vec<String>,
+    pub errors: Vec<SyncError>,
+}
+
+/// This node as bootstrap found it.
+struct Local {
+    pod_cidrs: Vec<IpNetwork>,
+}
+
+/// The node agent's state on the node.
+pub struct NodeAgent {
+    cfg: Config,
+    state: Arc<AgentState>,
+    fast_path: Box<dyn FastPath>,
+    netlink: Option<Netlink>,
+    nft: Option<NfTables>,
+    datapath: Option<Arc<Datapath>>,
+    local: Option<Local>,
+    /// What the masquerade table holds, once this process built it.
+    masquerade: Option<MasqueradeSpec>,
+    masquerade_removed: bool,
+}
+
+impl NodeAgent {
+    pub fn new(cfg: Config, state: Arc<AgentState>, fast_path: Box<dyn FastPath>) -> Self {
+        Self {
+            cfg,
+            state,
+            fast_path,
+            netlink: None,
+            nft: None,
+            datapath: None,
+            local: None,
+            masquerade: None,
+            masquerade_removed: false,
+        }
+    }
+
+    fn netlink(&mut self) -> Result<&mut Netlink, NetlinkError> {
+        if self.netlink.is_none() {
+            self.netlink = Some(Netlink::new()?);
+        }
+        Ok(self.netlink.as_mut().expect("just set"))
+    }
+
+    fn nft(&mut self) -> Result<&mut NfTables, NftError> {
+        if self.nft.is_none() {
+            self.nft = Some(NfTables::new()?);
+        }
+        Ok(self.nft.as_mut().expect("just set"))
+    }
+
+    /// One pass over everything. `full` also re-checks what only changes
+    /// behind the agent's back (a deleted nftables table).
+    pub fn sync(&mut self, snap: &Snapshot, full: bool) -> SyncReport {
+        let mut report = SyncReport::default();
+        let name = self.cfg.node_name.clone().unwrap_or_default();
+        let Some(me) = snap.nodes.iter().find(|n| n.name == name) else {
+            report.waiting = Some(format!("Node {name} is not in the API yet"));
+            return report;
+        };
+        if me.pod_cidrs.is_empty() {
+            report.waiting = Some(format!(
+                "Node {name} has no podCIDRs yet (is the controller manager allocating them?)"
+            ));
+            return report;
+        }
+        let me = me.clone();
+
+        // Without the datapath and the plugin a pod cannot start: nothing
+        // else is worth doing, and the conflist must not be written.
+        if let Err(e) = self.ensure_datapath() {
+            report.errors.push(e);
+            return report;
+        }
+        match self.install_plugin() {
+            Ok(wrote) => report.installed_plugin = wrote,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        }
+        if let Some(local) = &self.local {
+            if local.pod_cidrs != me.pod_cidrs {
+                report.warnings.push(format!(
+                    "this Node's podCIDRs changed from {:?} to {:?}",
+                    local.pod_cidrs, me.pod_cidrs
+                ));
+                self.local = None;
+            }
+        }
+        if self.local.is_none() {
+            let uplink = self.find_uplink(&me, &mut report);
+            self.local = Some(Local {
+                pod_cidrs: me.pod_cidrs.clone(),
+            });
+            self.start_fast_path(uplink, &mut report);
+        }
+
+        let masquerade_ok = self.sync_masquerade(&me, snap, full, &mut report);
+        self.sync_routes(&name, snap, &mut report);
+
+        // Last: from here on kubelet sees the network as ready, so
+        // everything a pod needs is in place first.
+        if masquerade_ok {
+            match self.write_conflist(&me) {
+                Ok(wrote) => {
+                    report.wrote_conflist = wrote;
+                    self.state.conflist_written.store(true, Ordering::Relaxed);
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+        if report.errors.is_empty() {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            self.state.last_sync_seconds.store(now, Ordering::Relaxed);
+        }
+        report
+    }
+
+    fn ensure_datapath(&mut self) -> Result<(), SyncError> {
+        if self.datapath.is_some() {
+            return Ok(());
+        }
+        let root = self.cfg.bpffs_root.clone();
+        let (dp, outcome) =
+            Datapath::open_or_load(&root).map_err(|source| SyncError::Datapath {
+                root: root.clone(),
+                source,
+            })?;
+        match outcome {
+            LoadOutcome::Loaded => {
+                log::info!("loaded the datapath: {}", dp.version_dir().display())
+            }
+            LoadOutcome::Opened => {
+                log::info!("datapath already pinned: {}", dp.version_dir().display())
+            }
+        }
+        let dp = Arc::new(dp);
+        self.state.set_counters(dp.clone());
+        self.datapath = Some(dp);
+        Ok(())
+    }
+
+    fn install_plugin(&mut self) -> Result<bool, SyncError> {
+        if self.cfg.plugin_source.as_os_str().is_empty() {
+            return Ok(false);
+        }
+        let dest = self.cfg.plugin_path();
+        let wrote =
+            files::install_binary(&self.cfg.plugin_source, &dest).map_err(SyncError::Plugin)?;
+        if wrote {
+            log::info!(
+                "installed {} as {}",
+                self.cfg.plugin_source.display(),
+                dest.display()
+            );
+        }
+        Ok(wrote)
+    }
+
+    /// The link that holds this Node's InternalIP (IPv4 preferred).
+    fn find_uplink(&mut self, me: &NodeInfo, report: &mut SyncReport) -> Option<u32> {
+        let addrs = match self.netlink().and_then(|n| n.addresses()) {
+            Ok(a) => a,
+            Err(e) => {
+                report.errors.push(SyncError::Routes(e));
+                return None;
+            }
+        };
+        let found = uplink_of(&me.internal_ips, &addrs);
+        if found.is_none() {
+            report.warnings.push(format!(
+                "no link holds this Node's InternalIPs {:?}",
+                me.internal_ips
+            ));
+        }
+        found
+    }
+
+    fn start_fast_path(&mut self, uplink: Option<u32>, report: &mut SyncReport) {
+        let result = if self.cfg.fast_path {
+            let cidrs = self.cfg.cluster_cidrs.clone();
+            self.fast_path.set_cluster_cidrs(&cidrs).and_then(|()| {
+                uplink.map_or(Ok(()), |ifindex| self.fast_path.attach_uplink(ifindex))
+            })
+        } else {
+            // Switched off: take away what an earlier run attached.
+            uplink.map_or(Ok(()), |ifindex| self.fast_path.detach_uplink(ifindex))
+        };
+        // Kernel routing carries the traffic without the fast path: an
+        // error here is reported, not fatal.
+        if let Err(e) = result {
+            report.errors.push(SyncError::FastPath(e));
+        }
+    }
+
+    /// Returns whether the masquerade state is as configured.
+    fn sync_masquerade(
+        &mut self,
+        me: &NodeInfo,
+        snap: &Snapshot,
+        full: bool,
+        report: &mut SyncReport,
+    ) -> bool {
+        if !self.cfg.masquerade {
+            if self.masquerade_removed {
+                return true;
+            }
+            let result = self.nft().and_then(|nft| {
+                let mut batch = nft.batch();
+                masquerade::remove(&mut batch);
+                nft.commit(batch)
+            });
+            return match result {
+                Ok(()) => {
+                    self.masquerade_removed = true;
+                    true
+                }
+                Err(e) => {
+                    report.errors.push(SyncError::Masquerade(e));
+                    false
+                }
+            };
+        }
+        let spec = MasqueradeSpec {
+            pod_cidrs: me.pod_cidrs.clone(),
+            cluster_cidrs: self.cfg.cluster_cidrs.clone(),
+            node_ips: node_ips(&snap.nodes),
+        };
+        for family in Family::BOTH {
+            let has_pods = spec.pod_cidrs.iter().any(|c| Family::of_net(c) == family);
+            let has_cluster = spec
+                .cluster_cidrs
+                .iter()
+                .any(|c| Family::of_net(c) == family);
+            if has_pods && !has_cluster {
+                report.warnings.push(format!(
+                    "no --cluster-cidr of {family:?}: only this node's pod CIDRs count as inside the cluster"
+                ));
+            }
+        }
+        let current = self.masquerade.clone();
+        let result = self.nft().and_then(|nft| {
+            let rebuild = match &current {
+                None => true,
+                Some(old) if old.pod_cidrs != spec.pod_cidrs => true,
+                Some(_) if full => !nft.table_exists(masquerade::TABLE)?,
+                Some(_) => false,
+            };
+            let mut batch = nft.batch();
+            if rebuild {
+                masquerade::recreate(&mut batch, &spec);
+            } else if current.as_ref().map(|c| &c.node_ips) != Some(&spec.node_ips) {
+                masquerade::set_node_ips(&mut batch, &spec.node_ips);
+            } else {
+                return Ok(false);
+            }
+            nft.commit(batch).map(|()| rebuild)
+        });
+        match result {
+            Ok(rebuilt) => {
+                if rebuilt {
+                    log::info!(
+                        "masquerade table inet {} built: pods {:?}, cluster {:?}, {} node addresses",
+                        masquerade::TABLE,
+                        spec.pod_cidrs,
+                        spec.cluster_cidrs,
+                        spec.node_ips.len()
+                    );
+                }
+                self.masquerade = Some(spec);
+                true
+            }
+            Err(e) => {
+                // Unknown state: rebuild next time.
+                self.masquerade = None;
+                report.errors.push(SyncError::Masquerade(e));
+                false
+            }
+        }
+    }
+
+    fn sync_routes(&mut self, local: &str, snap: &Snapshot, report: &mut SyncReport) {
+        let desired = desired_routes(local, &snap.nodes);
+        report.warnings.extend(desired.warnings.iter().cloned());
+        let present = match self.netlink().and_then(|n| n.routes()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.netlink = None;
+                report.errors.push(SyncError::Routes(e));
+                return;
+            }
+        };
+        let p = plan(&desired.routes, &present);
+        for (dst, protocol) in &p.conflicts {
+            report.warnings.push(format!(
+                "{dst} is already routed with protocol {protocol}: left alone"
+            ));
+        }
+        let nl = self.netlink.as_mut().expect("made above");
+        for r in &p.delete {
+            match nl.route_delete(r) {
+                Ok(()) => {
+                    report.routes_deleted += 1;
+                    log::info!("removed route {} via {:?}", r.destination, r.gateway);
+                }
+                Err(e) => report.errors.push(SyncError::Routes(e)),
+            }
+        }
+        let mut programmed = p.unchanged;
+        for (dst, gw) in &p.replace {
+            match nl.route_replace(*dst, *gw) {
+                Ok(()) => {
+                    report.routes_replaced += 1;
+                    programmed += 1;
+                    log::info!("route {dst} via {gw} proto {RTPROT_FERRITE_NODES}");
+                }
+                Err(e) => report.errors.push(SyncError::Routes(e)),
+            }
+        }
+        report.routes_programmed = programmed;
+        self.state
+            .routes_programmed
+            .store(programmed as u64, Ordering::Relaxed);
+        self.state.routes_synced.store(true, Ordering::Relaxed);
+    }
+
+    fn write_conflist(&mut self, me: &NodeInfo) -> Result<bool, SyncError> {
+        let text = conflist::render(&ConflistParams {
+            pod_cidrs: me.pod_cidrs.clone(),
+            mtu: self.cfg.mtu,
+            bpffs_root: self.cfg.bpffs_root.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            log_file: self.cfg.cni_log_file.clone(),
+        });
+        let path = self.cfg.conflist_path();
+        let wrote =
+            files::write_if_changed(&path, text.as_bytes(), 0o644).map_err(SyncError::Conflist)?;
+        if wrote {
+            log::info!("wrote {} for {:?}", path.display(), me.pod_cidrs);
+            warn_about_earlier_configs(&self.cfg);
+        }
+        Ok(wrote)
+    }
+}
+
+/// The runtime uses the first config file in name order: say so if another
+/// one would win over ferrite's.
+fn warn_about_earlier_configs(cfg: &Config) {
+    let Ok(entries) = std::fs::read_dir(&cfg.cni_conf_dir) else {
+        return;
+    };
+    let mut earlier: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| files::is_cni_config_name(n) && n.as_str() < conflist::FILE_NAME)
+        .collect();
+    earlier.sort();
+    if !earlier.is_empty() {
+        log::warn!(
+            "{} sorts before {}: a runtime will use it instead of ferrite",
+            earlier.join(", "),
+            conflist::FILE_NAME
+        );
+    }
+}
+
+/// The link holding the first of `ips` found on the node (the InternalIPs
+/// in API order, IPv4 before IPv6).
+pub fn uplink_of(ips: &[IpAddr], addrs: &[LinkAddress]) -> Option<u32> {
+    let mut ordered: Vec<IpAddr> = ips.iter().filter(|i| i.is_ipv4()).copied().collect();
+    ordered.extend(ips.iter().filter(|i| i.is_ipv6()));
+    ordered
+        .iter()
+        .find_map(|ip| addrs.iter().find(|a| a.address == *ip).map(|a| a.ifindex))
+}
+
+/// Runs syncs on the calling thread: after every new snapshot (the latest
+/// of any that queued up meanwhile), every `resync` without one, and sooner
+/// after a failure. Returns when the sender is gone.
+pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Duration) {
+    let mut latest: Option<Snapshot> = None;
+    let mut retry: Option<Duration> = None;
+    let mut next_full = Instant::now();
+    let mut last_waiting: Option<String> = None;
+    loop {
+        match updates.recv_timeout(retry.unwrap_or(resync)) {
+            Ok(s) => {
+                latest = Some(s);
+                while let Ok(s) = updates.try_recv() {
+                    latest = Some(s);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(snap) = &latest else {
+            continue;
+        };
+        let full = Instant::now() >= next_full;
+        if full {
+            next_full = Instant::now() + resync;
+        }
+        let report = agent.sync(snap, full);
+        if report.waiting != last_waiting {
+            if let Some(w) = &report.waiting {
+                log::info!("waiting: {w}");
+            }
+            last_waiting = report.waiting.clone();
+        }
+        for w in &report.warnings {
+            log::warn!("{w}");
+        }
+        for e in &report.errors {
+            log::error!("{e}");
+        }
+        if report.errors.is_empty() {
+            retry = None;
+        } else {
+            agent
+                .state
+                .sync_errors
+                .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
+            let next = retry.map_or(Duration::from_secs(2), |d| d * 2).min(resync);
+            log::info!("retrying in {}s", next.as_secs());
+            retry = Some(next);
+        }
+    }
+}
+
+/// What uninstall removed.
+#[derive(Debug, Default)]
+pub struct UninstallReport {
+    pub conflist: bool,
+    pub plugin: bool,
+    pub routes: usize,
+    pub masquerade_table: bool,
+    pub detached_links: usize,
+    pub pin_versions: Vec<String>,
+    pub errors: Vec<SyncError>,
+}
+
+/// Removes everything ferrite put on the node, and nothing else: the
+/// conflist first (so kubelet stops using ferrite), the plugin binary, the
+/// routes with ferrite's protocol, the masquerade table, the fast path's
+/// programs, and the datapath pins. Goes on after a failure and reports
+/// every error.
+pub fn uninstall(
+    cfg: &Config,
+    fast_path: &mut dyn FastPath,
+    pins: &dyn DatapathPins,
+) -> UninstallReport {
+    let mut report = UninstallReport::default();
+    let conflist = cfg.conflist_path();
+    match files::remove_if_present(&conflist)
+        .and_then(|r| files::remove_temp_files(&conflist).map(|_| r))
+    {
+        Ok(removed) => report.conflist = removed,
+        Err(e) => report.errors.push(SyncError::Conflist(e)),
+    }
+    let plugin = cfg.plugin_path();
+    match files::remove_if_present(&plugin)
+        .and_then(|r| files::remove_temp_files(&plugin).map(|_| r))
+    {
+        Ok(removed) => report.plugin = removed,
+        Err(e) => report.errors.push(SyncError::Plugin(e)),
+    }
+    match Netlink::new() {
+        Ok(mut nl) => {
+            match nl.routes() {
+                Ok(routes) => {
+                    for r in routes.iter().filter(|r| r.protocol == RTPROT_FERRITE_NODES) {
+                        match nl.route_delete(r) {
+                            Ok(()) => report.routes += 1,
+                            Err(e) => report.errors.push(SyncError::Routes(e)),
+                        }
+                    }
+                }
+                Err(e) => report.errors.push(SyncError::Routes(e)),
+            }
+            // The uplink is the link with the node's InternalIP; without the
+            // API, every link with a global address is a candidate (detach
+            // touches only ferrite's programs).
+            match nl.addresses() {
+                Ok(addrs) => {
+                    let links: BTreeSet<u32> = addrs
+                        .iter()
+                        .filter(|a| is_global(a.address))
+                        .map(|a| a.ifindex)
+                        .collect();
+                    for ifindex in links {
+                        match fast_path.detach_uplink(ifindex) {
+                            Ok(()) => report.detached_links += 1,
+                            Err(e) => report.errors.push(SyncError::FastPath(e)),
+                        }
+                    }
+                }
+                Err(e) => report.errors.push(SyncError::Routes(e)),
+            }
+        }
+        Err(e) => report.errors.push(SyncError::Routes(e)),
+    }
+    match NfTables::new().and_then(|mut nft| {
+        let existed = nft.table_exists(masquerade::TABLE)?;
+        let mut batch = nft.batch();
+        masquerade::remove(&mut batch);
+        nft.commit(batch).map(|()| existed)
+    }) {
+        Ok(existed) => report.masquerade_table = existed,
+        Err(e) => report.errors.push(SyncError::Masquerade(e)),
+    }
+    match remove_all_pins(pins, &cfg.bpffs_root) {
+        Ok(versions) => report.pin_versions = versions,
+        Err(e) => report.errors.push(SyncError::Pins(e)),
+    }
+    report
+}
+
+fn is_global(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn la(ifindex: u32, ip: &str) -> LinkAddress {
+        LinkAddress {
+            ifindex,
+            address: ip.parse().unwrap(),
+            prefix_len: 24,
+        }
+    }
+
+    #[test]
+    fn uplink_is_the_link_with_the_internal_ip() {
+        let addrs = [la(1, "127.0.0.1"), la(2, "192.0.2.1"), la(3, "2001:db8::1")];
+        let ips: Vec<IpAddr> = vec!["2001:db8::1".parse().unwrap(), "192.0.2.1".parse().unwrap()];
+        assert_eq!(uplink_of(&ips, &addrs), Some(2));
+        assert_eq!(uplink_of(&ips[..1], &addrs), Some(3));
+        assert_eq!(uplink_of(&["192.0.2.9".parse().unwrap()], &addrs), None);
+    }
+
+    #[test]
+    fn global_addresses() {
+        assert!(is_global("192.0.2.1".parse().unwrap()));
+        assert!(is_global("2001:db8::1".parse().unwrap()));
+        assert!(!is_global("127.0.0.1".parse().unwrap()));
+        assert!(!is_global("169.254.1.1".parse().unwrap()));
+        assert!(!is_global("fe80::1".parse().unwrap()));
+        assert!(!is_global("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn waits_for_its_node_and_its_pod_cidrs() {
+        let state = Arc::new(AgentState::default());
+        let cfg = Config {
+            node_name: Some("a".into()),
+            ..Config::default()
+        };
+        let mut agent = NodeAgent::new(
+            cfg,
+            state.clone(),
+            Box::<crate::fastpath::PendingFastPath>::default(),
+        );
+        let r = agent.sync(&Snapshot::default(), true);
+        assert!(r.waiting.unwrap().contains("not in the API"));
+        let snap = Snapshot {
+            nodes: vec![crate::node::tests::info("a", &[], &["192.0.2.1"])],
+        };
+        let r = agent.sync(&snap, true);
+        assert!(r.waiting.unwrap().contains("no podCIDRs"));
+        assert!(r.errors.is_empty());
+        assert!(!state.ready());
+    }
+}
