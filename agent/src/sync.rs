@@ -353,47 +353,28 @@ impl NodeAgent {
     }
 
     fn sync_routes(&mut self, local: &str, snap: &Snapshot, report: &mut SyncReport) {
-        let desired = desired_routes(local, &snap.nodes);
-        report.warnings.extend(desired.warnings.iter().cloned());
-        let present = match self.netlink().and_then(|n| n.routes()) {
-            Ok(p) => p,
+        let result = self
+            .netlink()
+            .and_then(|nl| apply_routes(nl, local, &snap.nodes));
+        let outcome = match result {
+            Ok(o) => o,
             Err(e) => {
+                // A broken socket is made anew next time.
                 self.netlink = None;
                 report.errors.push(SyncError::Routes(e));
                 return;
             }
         };
-        let p = plan(&desired.routes, &present);
-        for (dst, protocol) in &p.conflicts {
-            report.warnings.push(format!(
-                "{dst} is already routed with protocol {protocol}: left alone"
-            ));
-        }
-        let nl = self.netlink.as_mut().expect("made above");
-        for r in &p.delete {
-            match nl.route_delete(r) {
-                Ok(()) => {
-                    report.routes_deleted += 1;
-                    log::info!("removed route {} via {:?}", r.destination, r.gateway);
-                }
-                Err(e) => report.errors.push(SyncError::Routes(e)),
-            }
-        }
-        let mut programmed = p.unchanged;
-        for (dst, gw) in &p.replace {
-            match nl.route_replace(*dst, *gw) {
-                Ok(()) => {
-                    report.routes_replaced += 1;
-                    programmed += 1;
-                    log::info!("route {dst} via {gw} proto {RTPROT_FERRITE_NODES}");
-                }
-                Err(e) => report.errors.push(SyncError::Routes(e)),
-            }
-        }
-        report.routes_programmed = programmed;
+        report.routes_replaced = outcome.replaced;
+        report.routes_deleted = outcome.deleted;
+        report.routes_programmed = outcome.programmed;
+        report.warnings.extend(outcome.warnings);
+        report
+            .errors
+            .extend(outcome.errors.into_iter().map(SyncError::Routes));
         self.state
             .routes_programmed
-            .store(programmed as u64, Ordering::Relaxed);
+            .store(outcome.programmed as u64, Ordering::Relaxed);
         self.state.routes_synced.store(true, Ordering::Relaxed);
     }
 
@@ -414,6 +395,62 @@ impl NodeAgent {
         }
         Ok(wrote)
     }
+}
+
+/// What one route sync did.
+#[derive(Debug, Default)]
+pub struct RouteOutcome {
+    pub replaced: usize,
+    pub deleted: usize,
+    /// Routes of the agent's that are right after this sync.
+    pub programmed: usize,
+    pub warnings: Vec<String>,
+    /// Requests that failed; the others were still made.
+    pub errors: Vec<NetlinkError>,
+}
+
+/// Brings the routes to other nodes' pod CIDRs in line with `nodes`, seen
+/// from the node `local`: deletes first (a stale route may block nothing,
+/// but it must not outlive its node), then replaces. Only listing the
+/// present routes failing is an error of the whole sync.
+pub fn apply_routes(
+    nl: &mut Netlink,
+    local: &str,
+    nodes: &[NodeInfo],
+) -> Result<RouteOutcome, NetlinkError> {
+    let desired = desired_routes(local, nodes);
+    let present = nl.routes()?;
+    let p = plan(&desired.routes, &present);
+    let mut out = RouteOutcome {
+        warnings: desired.warnings,
+        ..Default::default()
+    };
+    for (dst, protocol) in &p.conflicts {
+        out.warnings.push(format!(
+            "{dst} is already routed with protocol {protocol}: left alone"
+        ));
+    }
+    for r in &p.delete {
+        match nl.route_delete(r) {
+            Ok(()) => {
+                out.deleted += 1;
+                log::info!("removed route {} via {:?}", r.destination, r.gateway);
+            }
+            Err(e) => out.errors.push(e),
+        }
+    }
+    out.programmed = p.unchanged;
+    for (dst, gw) in &p.replace {
+        match nl.route_replace(*dst, *gw) {
+            Ok(()) => {
+                out.replaced += 1;
+                out.programmed += 1;
+                log::info!("route {dst} via {gw} proto {RTPROT_FERRITE_NODES}");
+            }
+            Err(e) => out.errors.push(e),
+        }
+    }
+    Ok(out)
 }
 
 /// The runtime uses the first config file in name order: say so if another
