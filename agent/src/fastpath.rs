@@ -43,7 +43,9 @@ impl FastPath for PendingFastPath {
     }
 
     fn attach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError> {
-        log::debug!("fast path: attach to uplink {ifindex} (not in the datapath yet)");
+        log::info!(
+            "uplink is link {ifindex}; the cross-node fast path is not in this datapath yet: kernel routes carry traffic between nodes"
+        );
         Ok(())
     }
 

@@ -107,10 +107,19 @@ pub fn respond(
     }
 }
 
-/// Serves until the listener fails.
-pub async fn serve(listener: TcpListener, state: Arc<AgentState>) -> std::io::Result<()> {
+/// Serves forever.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors, or a connection reset before accept:
+            // transient, and the probes must keep working afterwards.
+            Err(e) => {
+                log::warn!("http: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let state = state.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, state).await {

@@ -114,7 +114,7 @@ fn agent(cfg: Config) -> Result<ExitCode> {
         tokio::select! {
             _ = term.recv() => log::info!("SIGTERM: exiting, leaving the node's network as it is"),
             _ = tokio::signal::ctrl_c() => log::info!("interrupted: exiting, leaving the node's network as it is"),
-            r = server => bail!("the HTTP server stopped: {:?}", r),
+            r = server => bail!("the HTTP server stopped: {r:?}"),
             _ = watch => bail!("the Node watch stopped"),
         }
         Ok(())

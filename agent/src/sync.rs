@@ -83,6 +83,9 @@ pub struct NodeAgent {
     netlink: Option<Netlink>,
     nft: Option<NfTables>,
     datapath: Option<Arc<Datapath>>,
+    /// This process loaded the datapath (rather than finding it pinned) and
+    /// has not yet moved running pods onto it.
+    repair_pending: bool,
     local: Option<Local>,
     /// What the masquerade table holds, once this process built it.
     masquerade: Option<MasqueradeSpec>,
@@ -98,6 +101,7 @@ impl NodeAgent {
             netlink: None,
             nft: None,
             datapath: None,
+            repair_pending: false,
             local: None,
             masquerade: None,
             masquerade_removed: false,
@@ -141,18 +145,25 @@ impl NodeAgent {
             report.errors.push(e);
             return report;
         }
-        match self.install_plugin() {
-            Ok(wrote) => report.installed_plugin = wrote,
-            Err(e) => {
-                report.errors.push(e);
-                return report;
+        // The plugin is a few MB: compared at start and on full resyncs only.
+        if self.local.is_none() || full {
+            match self.install_plugin() {
+                Ok(wrote) => report.installed_plugin = wrote,
+                Err(e) => {
+                    report.errors.push(e);
+                    return report;
+                }
             }
+        }
+        if self.repair_pending {
+            self.repair_running_pods(&mut report);
         }
         if let Some(local) = &self.local {
             if local.pod_cidrs != me.pod_cidrs {
                 report.warnings.push(format!(
-                    "this Node's podCIDRs changed from {:?} to {:?}",
-                    local.pod_cidrs, me.pod_cidrs
+                    "this Node's podCIDRs changed from {} to {}",
+                    list(&local.pod_cidrs),
+                    list(&me.pod_cidrs)
                 ));
                 self.local = None;
             }
@@ -201,7 +212,8 @@ impl NodeAgent {
             })?;
         match outcome {
             LoadOutcome::Loaded => {
-                log::info!("loaded the datapath: {}", dp.version_dir().display())
+                log::info!("loaded the datapath: {}", dp.version_dir().display());
+                self.repair_pending = true;
             }
             LoadOutcome::Opened => {
                 log::info!("datapath already pinned: {}", dp.version_dir().display())
@@ -230,6 +242,45 @@ impl NodeAgent {
         Ok(wrote)
     }
 
+    /// After this process loaded the datapath (a new version, or a wiped
+    /// bpffs), pods that were running on the node are still on the old
+    /// programs and maps. A CNI ADD that loads the datapath moves them over
+    /// itself; now the agent loaded it, no ADD will, so the agent asks the
+    /// plugin to (`ferrite repair`, the same code path). Only a node that
+    /// already had ferrite's conflist can have such pods. A failure is
+    /// reported and not retried: new pods work either way, and
+    /// `ferrite repair` can be run by hand.
+    fn repair_running_pods(&mut self, report: &mut SyncReport) {
+        self.repair_pending = false;
+        let conflist = self.cfg.conflist_path();
+        let plugin = self.cfg.plugin_path();
+        if !conflist.exists() || !plugin.exists() {
+            return;
+        }
+        let out = std::process::Command::new(&plugin)
+            .arg("repair")
+            .arg("--conf")
+            .arg(&conflist)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => log::info!(
+                "moved running pods onto the new datapath: {}",
+                String::from_utf8_lossy(&o.stdout).trim()
+            ),
+            Ok(o) => report.warnings.push(format!(
+                "{} repair failed ({}): {}",
+                plugin.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => report
+                .warnings
+                .push(format!("running {} repair: {e}", plugin.display())),
+        }
+    }
+
     /// The link that holds this Node's InternalIP (IPv4 preferred).
     fn find_uplink(&mut self, me: &NodeInfo, report: &mut SyncReport) -> Option<u32> {
         let addrs = match self.netlink().and_then(|n| n.addresses()) {
@@ -242,8 +293,8 @@ impl NodeAgent {
         let found = uplink_of(&me.internal_ips, &addrs);
         if found.is_none() {
             report.warnings.push(format!(
-                "no link holds this Node's InternalIPs {:?}",
-                me.internal_ips
+                "no link holds this Node's InternalIPs {}",
+                list(&me.internal_ips)
             ));
         }
         found
@@ -333,10 +384,10 @@ impl NodeAgent {
             Ok(rebuilt) => {
                 if rebuilt {
                     log::info!(
-                        "masquerade table inet {} built: pods {:?}, cluster {:?}, {} node addresses",
+                        "masquerade table inet {} built: pods {}, cluster {}, {} node addresses",
                         masquerade::TABLE,
-                        spec.pod_cidrs,
-                        spec.cluster_cidrs,
+                        list(&spec.pod_cidrs),
+                        list(&spec.cluster_cidrs),
                         spec.node_ips.len()
                     );
                 }
@@ -390,7 +441,7 @@ impl NodeAgent {
         let wrote =
             files::write_if_changed(&path, text.as_bytes(), 0o644).map_err(SyncError::Conflist)?;
         if wrote {
-            log::info!("wrote {} for {:?}", path.display(), me.pod_cidrs);
+            log::info!("wrote {} for {}", path.display(), list(&me.pod_cidrs));
             warn_about_earlier_configs(&self.cfg);
         }
         Ok(wrote)
@@ -434,7 +485,7 @@ pub fn apply_routes(
         match nl.route_delete(r) {
             Ok(()) => {
                 out.deleted += 1;
-                log::info!("removed route {} via {:?}", r.destination, r.gateway);
+                log::info!("removed route {} (proto {})", r.destination, r.protocol);
             }
             Err(e) => out.errors.push(e),
         }
@@ -451,6 +502,16 @@ pub fn apply_routes(
         }
     }
     Ok(out)
+}
+
+/// `a, b, c` for log lines.
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    let parts: Vec<String> = items.iter().map(ToString::to_string).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// The runtime uses the first config file in name order: say so if another
@@ -492,6 +553,7 @@ pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Dura
     let mut retry: Option<Duration> = None;
     let mut next_full = Instant::now();
     let mut last_waiting: Option<String> = None;
+    let mut last_warnings: BTreeSet<String> = BTreeSet::new();
     loop {
         match updates.recv_timeout(retry.unwrap_or(resync)) {
             Ok(s) => {
@@ -517,9 +579,13 @@ pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Dura
             }
             last_waiting = report.waiting.clone();
         }
-        for w in &report.warnings {
+        // A standing problem (a node without an address of some family)
+        // is said once, not at every sync.
+        let warnings: BTreeSet<String> = report.warnings.iter().cloned().collect();
+        for w in warnings.difference(&last_warnings) {
             log::warn!("{w}");
         }
+        last_warnings = warnings;
         for e in &report.errors {
             log::error!("{e}");
         }

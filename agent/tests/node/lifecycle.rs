@@ -354,3 +354,52 @@ fn masquerade_off_removes_the_table_and_fast_path_off_detaches() {
             .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
+
+#[test]
+fn loading_the_datapath_under_a_running_node_asks_the_plugin_to_repair() {
+    if !privileged("loading_the_datapath_under_a_running_node_asks_the_plugin_to_repair") {
+        return;
+    }
+    let n = Node::new();
+    let cfg = n.config();
+    // A node that ran ferrite before (its conflist is there) but whose
+    // datapath is not pinned: a new version, or a remounted bpffs.
+    std::fs::create_dir_all(&cfg.cni_conf_dir).unwrap();
+    std::fs::write(cfg.conflist_path(), b"{\"name\": \"ferrite\"}\n").unwrap();
+    // A stand-in plugin that records how it was called.
+    let marker = n.dirs.join("repair-args");
+    std::fs::write(
+        &cfg.plugin_source,
+        format!("#!/bin/sh\necho \"$@\" > {}\n", marker.display()),
+    )
+    .unwrap();
+    let mut agent = NodeAgent::new(
+        cfg.clone(),
+        Arc::new(AgentState::default()),
+        Box::new(Recorder::default()),
+    );
+    let r = n.ns.run(|| agent.sync(&cluster(), true)).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().trim(),
+        format!("repair --conf {}", cfg.conflist_path().display())
+    );
+    // Once only, and not by an agent that finds the datapath pinned.
+    std::fs::remove_file(&marker).unwrap();
+    n.ns.run(|| agent.sync(&cluster(), true)).unwrap();
+    let mut restarted = NodeAgent::new(
+        cfg.clone(),
+        Arc::new(AgentState::default()),
+        Box::new(Recorder::default()),
+    );
+    n.ns.run(|| restarted.sync(&cluster(), true)).unwrap();
+    assert!(!marker.exists());
+
+    let pins = PinnedDatapath {
+        root: cfg.bpffs_root.clone(),
+    };
+    let report =
+        n.ns.run(|| sync::uninstall(&cfg, &mut Recorder::default(), &pins))
+            .unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}

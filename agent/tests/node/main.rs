@@ -4,6 +4,7 @@
 //! machine's own interfaces, routes and tables are never touched). Each test
 //! skips with a reason when not root, and fails instead under CI=true.
 
+mod binary;
 mod harness;
 mod lifecycle;
 mod masquerade;
