@@ -16,8 +16,15 @@ impl Log for Stderr {
     }
 
     fn log(&self, record: &Record<'_>) {
-        if self.enabled(record.metadata()) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let target = record.target();
+        if target.starts_with("ferrite") {
             eprintln!("{:<5} {}", record.level(), record.args());
+        } else {
+            // A library's line says whose it is.
+            eprintln!("{:<5} {target}: {}", record.level(), record.args());
         }
     }
 

@@ -32,6 +32,9 @@ use crate::routes::{plan, RTPROT_FERRITE_NODES};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
+    /// Made from a fresh list (start, 410 Gone, an API server restart):
+    /// worth a full resync.
+    pub relisted: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -550,6 +553,7 @@ pub fn uplink_of(ips: &[IpAddr], addrs: &[LinkAddress]) -> Option<u32> {
 /// after a failure. Returns when the sender is gone.
 pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Duration) {
     let mut latest: Option<Snapshot> = None;
+    let mut relisted = false;
     let mut retry: Option<Duration> = None;
     let mut next_full = Instant::now();
     let mut last_waiting: Option<String> = None;
@@ -557,8 +561,10 @@ pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Dura
     loop {
         match updates.recv_timeout(retry.unwrap_or(resync)) {
             Ok(s) => {
+                relisted |= s.relisted;
                 latest = Some(s);
                 while let Ok(s) = updates.try_recv() {
+                    relisted |= s.relisted;
                     latest = Some(s);
                 }
             }
@@ -568,9 +574,10 @@ pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Dura
         let Some(snap) = &latest else {
             continue;
         };
-        let full = Instant::now() >= next_full;
+        let full = relisted || Instant::now() >= next_full;
         if full {
             next_full = Instant::now() + resync;
+            relisted = false;
         }
         let report = agent.sync(snap, full);
         if report.waiting != last_waiting {
@@ -747,6 +754,7 @@ mod tests {
         assert!(r.waiting.unwrap().contains("not in the API"));
         let snap = Snapshot {
             nodes: vec![crate::node::tests::info("a", &[], &["192.0.2.1"])],
+            relisted: true,
         };
         let r = agent.sync(&snap, true);
         assert!(r.waiting.unwrap().contains("no podCIDRs"));

@@ -57,7 +57,10 @@ impl NodeCache {
             Event::InitDone => {
                 self.nodes = self.relisting.take().unwrap_or_default();
                 self.listed = true;
-                Some(self.snapshot())
+                Some(Snapshot {
+                    relisted: true,
+                    ..self.snapshot()
+                })
             }
             Event::Apply(node) => {
                 let info = read(&node);
@@ -82,6 +85,7 @@ impl NodeCache {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             nodes: self.nodes.values().cloned().collect(),
+            relisted: false,
         }
     }
 }
@@ -143,6 +147,9 @@ mod tests {
             .is_none());
         let s = c.apply(Event::InitDone).0.unwrap();
         assert_eq!(names(&s), ["b"], "the list replaces what came before it");
+        assert!(s.relisted);
+        let s = c.apply(Event::Apply(node("c", &[], &[]))).0.unwrap();
+        assert!(!s.relisted);
     }
 
     #[test]

@@ -120,6 +120,7 @@ fn cluster() -> Snapshot {
                 &["192.0.2.2", "2001:db8::2"],
             ),
         ],
+        relisted: true,
     }
 }
 
@@ -149,6 +150,7 @@ fn bootstrap_restart_node_changes_and_uninstall() {
     let mut agent = NodeAgent::new(cfg.clone(), state.clone(), Box::new(fast.clone()));
     let early = Snapshot {
         nodes: vec![node("a", &[], &["192.0.2.1"])],
+        relisted: true,
     };
     let r = n.ns.run(|| agent.sync(&early, true)).unwrap();
     assert!(r.waiting.is_some() && r.errors.is_empty());
