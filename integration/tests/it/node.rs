@@ -12,14 +12,14 @@ use serde_json::json;
 use crate::chaining::Chain;
 use crate::harness::{endpoint_counters, privileged, tcp_echo, unique, Netns, Node};
 
-const VIP: &str = "10.96.0.10";
+pub(crate) const VIP: &str = "10.96.0.10";
 /// The node's own address (kube-proxy masquerades hairpin traffic to it).
 const NODE_IP: &str = "192.0.2.1";
 
 /// A real node forwards (kubelet and kube-proxy require it); the fast path
 /// does not need it, but Service and hostPort traffic between pods and
 /// anything leaving the node takes the stack.
-fn enable_forwarding(node: &Node) {
+pub(crate) fn enable_forwarding(node: &Node) {
     node.ns
         .exec("echo 1 > /proc/sys/net/ipv4/ip_forward")
         .unwrap();
@@ -118,7 +118,7 @@ pub(crate) fn connect(ns: &Netns, to: SocketAddr) -> Result<TcpStream> {
 /// A UDP echo in `server` for `datagrams` datagrams; the client in `client`
 /// sends to `to` and checks that every answer comes from `to` itself (for a
 /// Service: conntrack undid the DNAT, so the reply took the stack).
-fn udp_round_trips(
+pub(crate) fn udp_round_trips(
     server: &Netns,
     bind: SocketAddr,
     client: &Netns,
@@ -160,7 +160,7 @@ fn udp_round_trips(
 /// kube-proxy's iptables rules for one ClusterIP Service with one endpoint:
 /// DNAT in KUBE-SEP, the hairpin mark when the endpoint is the client, and
 /// the masquerade of marked packets in KUBE-POSTROUTING.
-fn kube_proxy_rules(node: &Node, backend: IpAddr) {
+pub(crate) fn kube_proxy_rules(node: &Node, backend: IpAddr) {
     let rules = format!(
         "*nat
 :KUBE-SERVICES - [0:0]
@@ -206,7 +206,7 @@ fn idle() -> Duration {
     )
 }
 
-fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
+pub(crate) fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
     let mut d = [0; 6];
     for i in 0..6 {
         d[i] = after[i] - before[i];
