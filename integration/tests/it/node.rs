@@ -19,7 +19,7 @@ const NODE_IP: &str = "192.0.2.1";
 /// A real node forwards (kubelet and kube-proxy require it); the fast path
 /// does not need it, but Service and hostPort traffic between pods and
 /// anything leaving the node takes the stack.
-fn enable_forwarding(node: &Node) {
+pub(crate) fn enable_forwarding(node: &Node) {
     node.ns
         .exec("echo 1 > /proc/sys/net/ipv4/ip_forward")
         .unwrap();
@@ -27,16 +27,16 @@ fn enable_forwarding(node: &Node) {
 
 /// A "remote host": a namespace joined to the node by a veth pair, node side
 /// 198.51.100.1/24, remote side 198.51.100.2/24.
-struct Remote {
-    ns: Netns,
-    uplink: String,
+pub(crate) struct Remote {
+    pub(crate) ns: Netns,
+    pub(crate) uplink: String,
 }
 
-const UPLINK_NODE: &str = "198.51.100.1";
-const UPLINK_REMOTE: &str = "198.51.100.2";
+pub(crate) const UPLINK_NODE: &str = "198.51.100.1";
+pub(crate) const UPLINK_REMOTE: &str = "198.51.100.2";
 
 impl Remote {
-    fn new(node: &Node) -> Result<Self> {
+    pub(crate) fn new(node: &Node) -> Result<Self> {
         let ns = Netns::new("r")?;
         let uplink = unique("u");
         let peer = unique("d");
@@ -206,7 +206,7 @@ fn idle() -> Duration {
     )
 }
 
-fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
+pub(crate) fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
     let mut d = [0; 6];
     for i in 0..6 {
         d[i] = after[i] - before[i];
