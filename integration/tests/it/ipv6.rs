@@ -10,7 +10,8 @@ use serde_json::json;
 use crate::chaining::Chain;
 use crate::harness::{endpoint_counters, privileged, tcp_echo, unique, Netns, Node};
 use crate::node::{
-    connect, delta, enable_forwarding, exchange, serve_echo, Remote, UPLINK_NODE, UPLINK_REMOTE,
+    bandwidth_both_directions, connect, delta, enable_forwarding, exchange, serve_echo, Remote,
+    UPLINK_NODE, UPLINK_REMOTE,
 };
 
 fn dual(node: &mut Node, v4: &str, v6: &str) {
@@ -520,4 +521,16 @@ fn loopback_host_port_is_unreachable(node: &Node, web: &Chain<'_>, port: u16) {
         snmp6(&node.ns, "Ip6InNoRoutes") > no_routes,
         "the answer, un-NATed to ::1, found no route on the node"
     );
+}
+
+/// The bandwidth capability (ferrite's own TBFs) on an IPv6-only pod: the
+/// same limits and measurements as the IPv4 test, to the pod and from it,
+/// through the host stack (the node) and through the fast path (a pod on
+/// the same node), each within 15 %.
+#[test]
+fn ipv6_bandwidth_limits_both_directions() {
+    if !privileged("ipv6_bandwidth_limits_both_directions") {
+        return;
+    }
+    bandwidth_both_directions("fd00:77::/64", "2001:db8:77::1".parse().unwrap());
 }
