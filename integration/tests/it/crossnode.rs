@@ -13,10 +13,12 @@ use crate::node::{
 };
 
 const CLUSTER_CIDR: &str = "10.91.0.0/16";
+const CLUSTER_CIDR6: &str = "fd00:91::/48";
 
 /// Node 1 (pods 10.91.1.0/24, uplink 172.31.0.1) and node 2 (10.91.2.0/24,
 /// 172.31.0.2) on one link, each routing the other's pod CIDR via it (the
-/// routes the agent programs), both forwarding.
+/// routes the agent programs), both forwarding. Dual stack adds
+/// fd00:91:0:1::/64 and fd00:91:0:2::/64 behind fd00:31::1 and fd00:31::2.
 struct Cluster {
     n1: Node,
     n2: Node,
@@ -26,8 +28,26 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Self {
-        let n1 = Node::new("10.91.1.0/24").unwrap();
-        let n2 = Node::new("10.91.2.0/24").unwrap();
+        Self::with(false)
+    }
+
+    fn dual_stack() -> Self {
+        Self::with(true)
+    }
+
+    fn with(dual: bool) -> Self {
+        let mut n1 = Node::new("10.91.1.0/24").unwrap();
+        let mut n2 = Node::new("10.91.2.0/24").unwrap();
+        if dual {
+            for (n, v4, v6) in [
+                (&mut n1, "10.91.1.0/24", "fd00:91:0:1::/64"),
+                (&mut n2, "10.91.2.0/24", "fd00:91:0:2::/64"),
+            ] {
+                n.extra = serde_json::json!({
+                    "ipam": { "ranges": [[{ "subnet": v4 }], [{ "subnet": v6 }]] }
+                });
+            }
+        }
         let (up1, up2) = (unique("u"), unique("u"));
         n1.ns
             .exec(&format!(
@@ -45,6 +65,18 @@ impl Cluster {
             .unwrap();
         enable_forwarding(&n1);
         enable_forwarding(&n2);
+        if dual {
+            for (n, up, me, other, far) in [
+                (&n1, &up1, "fd00:31::1", "fd00:31::2", "fd00:91:0:2::/64"),
+                (&n2, &up2, "fd00:31::2", "fd00:31::1", "fd00:91:0:1::/64"),
+            ] {
+                n.ns.exec(&format!(
+                    "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding && \
+                     ip addr add {me}/64 dev {up} nodad && ip route add {far} via {other}"
+                ))
+                .unwrap();
+            }
+        }
         Self { n1, n2, up1, up2 }
     }
 
@@ -59,6 +91,8 @@ impl Cluster {
                     up,
                     "--cluster-cidr",
                     CLUSTER_CIDR,
+                    "--cluster-cidr",
+                    CLUSTER_CIDR6,
                     "--bpffs-root",
                     root,
                 ])
@@ -198,5 +232,67 @@ fn service_with_a_backend_on_another_node() {
     assert!(
         ad[2] * 100 >= ad[0] * 99,
         "direct traffic stays fast: {ad:?}"
+    );
+}
+
+/// The same fast path for IPv6, between dual-stack pods: a TCP stream over
+/// their IPv6 addresses leaves and enters by redirect both ways.
+#[test]
+fn dual_stack_pods_on_two_nodes_talk_over_ipv6_through_the_fast_path() {
+    if !privileged("dual_stack_pods_on_two_nodes_talk_over_ipv6_through_the_fast_path") {
+        return;
+    }
+    let c = Cluster::dual_stack();
+    let a = c.n1.add_pod("1.1.0").unwrap();
+    let b = c.n2.add_pod("1.1.0").unwrap();
+    let v6 = |r: &serde_json::Value| -> IpAddr {
+        r["ips"][1]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (a6, b6) = (v6(&a.result), v6(&b.result));
+    assert!(a6.is_ipv6() && b6.is_ipv6());
+    c.fast_path(true);
+    assert!(a.ns.exec_status(&format!("busybox ping -6 -c 2 -W 2 {b6}")));
+
+    let (s1, s2) = (c.n1.stats().unwrap(), c.n2.stats().unwrap());
+    let listener =
+        b.ns.run(|| TcpListener::bind(SocketAddr::new(b6, 8080)))
+            .unwrap()
+            .unwrap();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve_echo(listener, 1, Duration::from_secs(30)));
+        let mut conn = connect(&a.ns, SocketAddr::new(b6, 8080)).unwrap();
+        exchange(&mut conn, 8 << 20, 0x6a).unwrap();
+        drop(conn);
+        let peers = server.join().unwrap().unwrap();
+        assert_eq!(peers[0].ip(), a6, "the pod's address is preserved");
+    });
+    let ad = delta(
+        endpoint_counters(&c.n1.stats().unwrap(), a6),
+        endpoint_counters(&s1, a6),
+    );
+    let bd = delta(
+        endpoint_counters(&c.n2.stats().unwrap(), b6),
+        endpoint_counters(&s2, b6),
+    );
+    eprintln!("IPv6 fast path: a {ad:?}, b {bd:?}");
+    assert!(ad[0] > 100, "a sent its stream: {ad:?}");
+    assert!(
+        ad[2] * 100 >= ad[0] * 99,
+        "a's packets left by redirect: {ad:?}"
+    );
+    assert!(
+        bd[2] * 100 >= bd[0] * 99,
+        "b's answers left by redirect: {bd:?}"
+    );
+    assert!(
+        bd[4] >= ad[2] / 2 && ad[4] > 0,
+        "both entered by redirect: {ad:?} {bd:?}"
     );
 }
