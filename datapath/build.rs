@@ -9,7 +9,7 @@ use std::{
 
 /// Programs, one C file and one object each, in a fixed order (the version
 /// hash covers them in this order).
-const PROGRAMS: &[&str] = &["from_pod", "to_pod"];
+const PROGRAMS: &[&str] = &["from_pod", "to_pod", "from_uplink", "to_uplink"];
 
 fn main() {
     let manifest_dir =

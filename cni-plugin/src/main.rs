@@ -73,6 +73,12 @@ Invoked by a container runtime with CNI_COMMAND set, it speaks CNI
 
   ferrite version                          versions of the plugin and its datapath
   ferrite datapath load [--bpffs-root D]   load and pin the datapath now
+  ferrite datapath uplink DEV [--cluster-cidr CIDR]... [--bpffs-root D]
+                                           cross-node fast path: attach the uplink programs
+                                           to DEV (TCX) and set the cluster's pod CIDRs
+                                           (what ferrite-agent does; no CIDR switches it off)
+  ferrite datapath uplink-off DEV [--bpffs-root D]
+                                           detach them and clear the pod CIDRs
   ferrite stats [--bpffs-root D]           per-endpoint counters from the pinned maps
   ferrite repair --conf FILE               load the datapath if needed and move every running pod
                                            of the network in FILE (a conflist or plugin config) onto it
@@ -128,6 +134,43 @@ fn human(args: Vec<String>) -> anyhow::Result<ExitCode> {
             let (dp, outcome) = ferrite_datapath::Datapath::open_or_load(&root)
                 .with_context(|| format!("loading the datapath under {}", root.display()))?;
             writeln!(out, "{outcome:?} {}", dp.version_dir().display())?;
+        }
+        Some("datapath")
+            if matches!(
+                args.get(1).map(String::as_str),
+                Some("uplink" | "uplink-off")
+            ) =>
+        {
+            let on = args[1] == "uplink";
+            let dev = args.get(2).context("which device is the uplink?")?;
+            let index = nix::net::if_::if_nametoindex(dev.as_str())
+                .with_context(|| format!("no device {dev}"))?;
+            let mut cidrs = Vec::new();
+            for (i, a) in args.iter().enumerate() {
+                if a == "--cluster-cidr" {
+                    let text = args.get(i + 1).context("--cluster-cidr needs a CIDR")?;
+                    let net: ipnetwork::IpNetwork = text
+                        .parse()
+                        .with_context(|| format!("{text} is not a CIDR"))?;
+                    cidrs.push((net.network(), net.prefix()));
+                }
+            }
+            let root = bpffs_root(&args)?;
+            let (dp, _) = ferrite_datapath::Datapath::open_or_load(&root)
+                .with_context(|| format!("loading the datapath under {}", root.display()))?;
+            if on {
+                dp.attach_uplink(index)
+                    .with_context(|| format!("attaching the uplink programs to {dev}"))?;
+                dp.set_cluster_cidrs(&cidrs)?;
+                writeln!(out, "uplink {dev}: attached; pod CIDRs {cidrs:?}")?;
+            } else {
+                let n = ferrite_datapath::Datapath::detach_uplink(index)?;
+                dp.set_cluster_cidrs(&[])?;
+                writeln!(
+                    out,
+                    "uplink {dev}: {n} programs detached; pod CIDRs cleared"
+                )?;
+            }
         }
         Some("stats") => {
             let root = bpffs_root(&args)?;

@@ -149,6 +149,9 @@ fn configure(
 ) -> CniResult<()> {
     let (ifname, ips) = (spec.ifname, spec.ips);
     let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
+    if !ips.iter().any(IpAddr::is_ipv6) {
+        host_ipv6_off(&host.name)?;
+    }
     host_nl
         .link_set_up(host.index, Some(spec.alias))
         .map_err(k("cannot set the host veth up"))?;
@@ -215,6 +218,29 @@ fn configure(
             .map_err(k("cannot add the pod's neighbour entry on the host"))?;
     }
     Ok(())
+}
+
+/// IPv6 off on the host veth of a pod without IPv6, before it goes up.
+/// Otherwise each veth gets a link-local address, and with it an fe80::/64
+/// and an ff00::/8 route; the kernel keeps the routes of one prefix in a
+/// list, so every ADD got slower as the node filled (bringing the veth up
+/// took 0.07 ms with 60 pods, 0.8 ms with 1,000).
+fn host_ipv6_off(host_name: &str) -> CniResult<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{host_name}/disable_ipv6");
+    match std::fs::write(&path, b"1") {
+        Ok(()) => Ok(()),
+        // A kernel without IPv6 has nothing to turn off.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && !std::path::Path::new("/proc/sys/net/ipv6").exists() =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(CniError::new(
+            Code::Kernel,
+            format!("cannot turn IPv6 off on the host veth ({path}): {e}"),
+        )),
+    }
 }
 
 /// IPv6 on the pod's interface, usable at once: enabled, and without

@@ -14,6 +14,7 @@
 
 #include "lib/common.h"
 #include "lib/flow.h"
+#include "lib/remote.h"
 #include "lib/stats.h"
 
 #define IP_MF 0x2000
@@ -112,12 +113,26 @@ static __always_inline struct endpoint *fast_path_target(struct flow_key *key,
 
 	if (!dst || dst->ifindex == ifindex)
 		return NULL;
-#ifndef FERRITE_NO_STACKFLOW
-	/* Off only in a benchmark build that measures what this lookup costs. */
-	if (bpf_map_lookup_elem(&ferrite_stkflow, key))
+	if (is_stack_flow(key))
 		return NULL;
-#endif
 	return dst;
+}
+
+/* Whether @key may take the fast path to another node's pod. */
+static __always_inline int to_other_node(const struct flow_key *key)
+{
+	return is_pod_address(&key->daddr) &&
+	       !bpf_map_lookup_elem(&ferrite_endpts, &key->daddr) &&
+	       !is_stack_flow(key);
+}
+
+static __always_inline void count_redirect(struct endpoint_stats *st,
+					   struct __sk_buff *skb)
+{
+	if (st) {
+		st->redirected_packets++;
+		st->redirected_bytes += skb->len;
+	}
 }
 
 static __always_inline int redirect_to(struct __sk_buff *skb,
@@ -126,10 +141,7 @@ static __always_inline int redirect_to(struct __sk_buff *skb,
 {
 	struct endpoint_stats *dst_st = stats_of(dst->ifindex);
 
-	if (st) {
-		st->redirected_packets++;
-		st->redirected_bytes += skb->len;
-	}
+	count_redirect(st, skb);
 	if (dst_st) {
 		dst_st->redirected_in_packets++;
 		dst_st->redirected_in_bytes += skb->len;
@@ -142,6 +154,26 @@ static __always_inline int redirect_to(struct __sk_buff *skb,
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
+/*
+ * One hop less for the IPv4 packet in @skb, checksum updated. Invalidates
+ * packet pointers.
+ */
+static __always_inline int decrement_ttl(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	__be16 old_word, new_word;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	__builtin_memcpy(&old_word, &ip->ttl, sizeof(old_word));
+	ip->ttl--;
+	__builtin_memcpy(&new_word, &ip->ttl, sizeof(new_word));
+	return bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check),
+				   old_word, new_word, sizeof(new_word));
+}
+
 static __always_inline int handle_ipv4(struct __sk_buff *skb,
 				       struct endpoint_stats *st, __u32 ifindex)
 {
@@ -151,7 +183,6 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 	struct iphdr *ip = (void *)(eth + 1);
 	struct flow_key key;
 	struct endpoint *dst;
-	__be16 old_word, new_word;
 	__u32 hlen;
 	int ret;
 
@@ -181,17 +212,30 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 	if (ip->ttl <= 1)
 		return TC_ACT_OK;
 	dst = fast_path_target(&key, ifindex);
-	if (!dst)
-		return TC_ACT_OK;
+	if (!dst) {
+		struct bpf_fib_lookup fib = {};
+		long rc;
+
+		if (!to_other_node(&key))
+			return TC_ACT_OK;
+		fib.family = FERRITE_AF_INET;
+		fib.tos = ip->tos;
+		fib.l4_protocol = ip->protocol;
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+		rc = fib_resolve(skb, &fib);
+		if (rc < 0)
+			return TC_ACT_OK;
+		if (decrement_ttl(skb) < 0)
+			return DROP_CSUM_ERR;
+		count_redirect(st, skb);
+		return fib_send(skb, &fib, rc);
+	}
 
 	mac_copy(eth->h_dest, dst->pod_mac);
 	mac_copy(eth->h_source, dst->host_mac);
-	__builtin_memcpy(&old_word, &ip->ttl, sizeof(old_word));
-	ip->ttl--;
-	__builtin_memcpy(&new_word, &ip->ttl, sizeof(new_word));
 	/* Invalidates packet pointers: nothing reads the packet after this. */
-	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check),
-				old_word, new_word, sizeof(new_word)) < 0)
+	if (decrement_ttl(skb) < 0)
 		return DROP_CSUM_ERR;
 
 	return redirect_to(skb, st, dst);
@@ -271,8 +315,30 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 	if (ip6->hop_limit <= 1)
 		return TC_ACT_OK;
 	dst = fast_path_target(&key, ifindex);
-	if (!dst)
-		return TC_ACT_OK;
+	if (!dst) {
+		struct bpf_fib_lookup fib = {};
+		long rc;
+
+		if (!to_other_node(&key))
+			return TC_ACT_OK;
+		fib.family = FERRITE_AF_INET6;
+		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
+		fib.l4_protocol = ip6->nexthdr;
+		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, sizeof(fib.ipv6_src));
+		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, sizeof(fib.ipv6_dst));
+		rc = fib_resolve(skb, &fib);
+		if (rc < 0)
+			return TC_ACT_OK;
+		/* fib_resolve may move the packet: reload before writing. */
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip6 = data + sizeof(struct ethhdr);
+		if ((void *)(ip6 + 1) > data_end)
+			return DROP_MALFORMED;
+		ip6->hop_limit--;
+		count_redirect(st, skb);
+		return fib_send(skb, &fib, rc);
+	}
 
 	mac_copy(eth->h_dest, dst->pod_mac);
 	mac_copy(eth->h_source, dst->host_mac);

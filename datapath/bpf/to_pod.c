@@ -17,75 +17,11 @@
 #include "lib/flow.h"
 #include "lib/stats.h"
 
-#define IP_OFFSET 0x1fff
-
-/* Refresh a known flow's timestamp at most this often (cache-line traffic). */
-#define STACKFLOW_REFRESH_NS 1000000000ULL
-
-static __always_inline void remember_reply(struct flow_key *key)
-{
-	__u64 now = bpf_ktime_get_ns();
-	__u64 *seen;
-
-	flow_reverse(key);
-	seen = bpf_map_lookup_elem(&ferrite_stkflow, key);
-	if (seen) {
-		if (now - *seen > STACKFLOW_REFRESH_NS)
-			*seen = now;
-		return;
-	}
-	bpf_map_update_elem(&ferrite_stkflow, key, &now, BPF_ANY);
-}
-
-static __always_inline void track_ipv4(void *l3, void *data_end)
-{
-	struct iphdr *ip = l3;
-	struct flow_key key;
-	__u32 hlen;
-
-	if ((void *)(ip + 1) > data_end)
-		return;
-	hlen = (ip->ihl & 0xf) * 4;
-	if (ip->version != 4 || hlen < sizeof(*ip))
-		return;
-	/* Later fragments have no ports; the first one records the flow. */
-	if (ip->frag_off & bpf_htons(IP_OFFSET))
-		return;
-
-	__builtin_memset(&key, 0, sizeof(key));
-	v4_mapped(&key.saddr, ip->saddr);
-	v4_mapped(&key.daddr, ip->daddr);
-	key.proto = ip->protocol;
-	if (flow_ports(&key, l3 + hlen, data_end) < 0)
-		return;
-	remember_reply(&key);
-}
-
-static __always_inline void track_ipv6(void *l3, void *data_end)
-{
-	struct ipv6hdr *ip6 = l3;
-	struct flow_key key;
-
-	if ((void *)(ip6 + 1) > data_end)
-		return;
-	if (ip6->version != 6 || ip6->nexthdr == IPPROTO_FRAGMENT)
-		return;
-
-	__builtin_memset(&key, 0, sizeof(key));
-	__builtin_memcpy(&key.saddr, &ip6->saddr, sizeof(key.saddr));
-	__builtin_memcpy(&key.daddr, &ip6->daddr, sizeof(key.daddr));
-	key.proto = ip6->nexthdr;
-	if (flow_ports(&key, ip6 + 1, data_end) < 0)
-		return;
-	remember_reply(&key);
-}
-
 SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
 	struct endpoint_stats *st;
-	void *data, *data_end;
-	struct ethhdr *eth;
+	struct flow_key key;
 
 #ifdef FERRITE_BUILD_TAG
 	/* A build whose programs differ, for upgrade tests; cb is scratch. */
@@ -104,16 +40,9 @@ int to_pod(struct __sk_buff *skb)
 	}
 
 	pull_headers(skb);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
-
-	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		track_ipv4(eth + 1, data_end);
-	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		track_ipv6(eth + 1, data_end);
+	if (flow_of_frame(&key, (void *)(long)skb->data,
+			  (void *)(long)skb->data_end) == 0)
+		remember_reply(&key);
 	return TC_ACT_OK;
 }
 

@@ -67,6 +67,22 @@ pub enum Program {
     FromPod,
     /// tc egress of the host veth: packets the host stack delivers to the pod.
     ToPod,
+    /// TCX ingress of the node's uplink: packets from other nodes.
+    FromUplink,
+    /// TCX egress of the node's uplink: packets leaving for other nodes.
+    ToUplink,
+}
+
+impl Program {
+    /// The pin's name, which is also the program's kernel name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::FromPod => pin::FROM_POD,
+            Program::ToPod => pin::TO_POD,
+            Program::FromUplink => pin::FROM_UPLINK,
+            Program::ToUplink => pin::TO_UPLINK,
+        }
+    }
 }
 
 /// Handles to the pinned programs and maps of one datapath version.
@@ -235,11 +251,66 @@ impl Datapath {
         &self.version_dir
     }
 
-    fn program(&self, program: Program) -> &OwnedFd {
+    /// The program's fd: a duplicate of the one kept open for the pod
+    /// programs (every ADD uses them), opened from its pin for the uplink's
+    /// (only the agent uses those).
+    fn program(&self, program: Program) -> Result<OwnedFd, DatapathError> {
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone().map_err(|source| PinError::Io {
+                call: "dup",
+                path: self.version_dir.join(program.name()),
+                source,
+            })
+        };
         match program {
-            Program::FromPod => &self.from_pod,
-            Program::ToPod => &self.to_pod,
+            Program::FromPod => Ok(dup(&self.from_pod)?),
+            Program::ToPod => Ok(dup(&self.to_pod)?),
+            Program::FromUplink | Program::ToUplink => self.open_pin(program.name()),
         }
+    }
+
+    fn open_pin(&self, name: &str) -> Result<OwnedFd, DatapathError> {
+        let path = self.version_dir.join(name);
+        Ok(pin::open_pin(&path)?.ok_or_else(|| PinError::Io {
+            call: "BPF_OBJ_GET",
+            path,
+            source: std::io::ErrorKind::NotFound.into(),
+        })?)
+    }
+
+    /// Attaches `from_uplink` at TCX ingress and `to_uplink` at TCX egress
+    /// of the node's uplink `ifindex`, after whatever runs there (or in
+    /// place of another version of them). Never replaces another program
+    /// or touches a qdisc: the uplink is shared.
+    pub fn attach_uplink(&self, ifindex: u32) -> Result<(), DatapathError> {
+        load::load_and_pin_uplink(&self.version_dir)?;
+        let from = self.program(Program::FromUplink)?;
+        let to = self.program(Program::ToUplink)?;
+        Ok(tcx::attach(
+            ifindex,
+            (from.as_fd(), pin::FROM_UPLINK),
+            (to.as_fd(), pin::TO_UPLINK),
+        )?)
+    }
+
+    /// Detaches ferrite's uplink programs (any version) from `ifindex`;
+    /// how many were attached.
+    pub fn detach_uplink(ifindex: u32) -> Result<usize, DatapathError> {
+        Ok(tcx::detach(ifindex, pin::FROM_UPLINK, pin::TO_UPLINK)?)
+    }
+
+    /// Makes `ferrite_podnets` hold exactly `cidrs` (address, prefix
+    /// length): the cluster's pod CIDRs, whose destinations off this node
+    /// take the cross-node fast path. Empty switches that path off.
+    pub fn set_cluster_cidrs(&self, cidrs: &[(IpAddr, u8)]) -> Result<(), DatapathError> {
+        let map = self.open_pin(pin::PODNETS_MAP)?;
+        Ok(maps::set_podnets(map.as_fd(), cidrs)?)
+    }
+
+    /// What `ferrite_podnets` holds.
+    pub fn cluster_cidrs(&self) -> Result<Vec<(IpAddr, u8)>, DatapathError> {
+        let map = self.open_pin(pin::PODNETS_MAP)?;
+        Ok(maps::podnets(map.as_fd())?)
     }
 
     /// Attaches `from_pod` at ingress and `to_pod` at egress of the host
@@ -250,20 +321,25 @@ impl Datapath {
         let (from_pod, to_pod) = (self.from_pod.as_fd(), self.to_pod.as_fd());
         match mode {
             AttachMode::Clsact => Ok(tc::attach(ifindex, from_pod, to_pod)?),
-            AttachMode::Tcx => Ok(tcx::attach(ifindex, from_pod, to_pod)?),
+            AttachMode::Tcx => Ok(tcx::attach(
+                ifindex,
+                (from_pod, pin::FROM_POD),
+                (to_pod, pin::TO_POD),
+            )?),
         }
     }
 
     /// Whether the veth's ingress and egress run this version's programs.
     pub fn attachment(&self, ifindex: u32) -> Result<Attachment, DatapathError> {
-        let id = |program| {
-            sys::prog_id(self.program(program).as_fd()).map_err(|source| PinError::ObjGet {
-                path: self.version_dir.join(match program {
-                    Program::FromPod => pin::FROM_POD,
-                    Program::ToPod => pin::TO_POD,
-                }),
-                source,
-            })
+        let id = |program: Program| -> Result<u32, DatapathError> {
+            Ok(
+                sys::prog_id(self.program(program)?.as_fd()).map_err(|source| {
+                    PinError::ObjGet {
+                        path: self.version_dir.join(program.name()),
+                        source,
+                    }
+                })?,
+            )
         };
         let (from_pod, to_pod) = (id(Program::FromPod)?, id(Program::ToPod)?);
         let filters = tc::attachment(ifindex, from_pod, to_pod)?;
@@ -337,12 +413,9 @@ impl Datapath {
         packet: &[u8],
         ifindex: u32,
     ) -> Result<TestRun, DatapathError> {
-        sys::prog_test_run(self.program(program).as_fd(), packet, ifindex).map_err(|source| {
+        sys::prog_test_run(self.program(program)?.as_fd(), packet, ifindex).map_err(|source| {
             DatapathError::from(MapError::Syscall {
-                map: match program {
-                    Program::FromPod => pin::FROM_POD,
-                    Program::ToPod => pin::TO_POD,
-                },
+                map: program.name(),
                 source,
             })
         })

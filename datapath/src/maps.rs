@@ -3,7 +3,7 @@
 use std::{
     fs, io,
     net::IpAddr,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::OnceLock,
 };
 
@@ -239,6 +239,62 @@ impl Maps {
     }
 }
 
+/// `struct podnet_key`: prefix length (of the v4-mapped form), address.
+fn podnet_key(ip: IpAddr, prefix: u8) -> [u8; 20] {
+    let (addr, len) = match ip {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped(), u32::from(prefix.min(32)) + 96),
+        IpAddr::V6(v6) => (v6, u32::from(prefix.min(128))),
+    };
+    let mut key = [0u8; 20];
+    key[..4].copy_from_slice(&len.to_ne_bytes());
+    key[4..].copy_from_slice(&addr.octets());
+    key
+}
+
+fn podnet_of_key(key: &[u8; 20]) -> (IpAddr, u8) {
+    let len = u32::from_ne_bytes(key[..4].try_into().expect("4 bytes"));
+    let octets: [u8; 16] = key[4..].try_into().expect("16 bytes");
+    let v6 = std::net::Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => (IpAddr::V4(v4), (len - 96) as u8),
+        _ => (IpAddr::V6(v6), len as u8),
+    }
+}
+
+fn podnet_keys(map: BorrowedFd<'_>) -> Result<Vec<[u8; 20]>, MapError> {
+    let mut out: Vec<[u8; 20]> = Vec::new();
+    loop {
+        let mut next = [0u8; 20];
+        let more = sys::map_next_key(map, out.last().map(|k| &k[..]), &mut next)
+            .map_err(on(crate::pin::PODNETS_MAP))?;
+        if !more {
+            return Ok(out);
+        }
+        out.push(next);
+    }
+}
+
+/// The cluster CIDRs in `ferrite_podnets`.
+pub(crate) fn podnets(map: BorrowedFd<'_>) -> Result<Vec<(IpAddr, u8)>, MapError> {
+    Ok(podnet_keys(map)?.iter().map(podnet_of_key).collect())
+}
+
+/// Makes `ferrite_podnets` hold exactly `cidrs`: adds the missing ones
+/// first, then removes the rest, so a CIDR kept is never absent.
+pub(crate) fn set_podnets(map: BorrowedFd<'_>, cidrs: &[(IpAddr, u8)]) -> Result<(), MapError> {
+    let want: Vec<[u8; 20]> = cidrs.iter().map(|(ip, p)| podnet_key(*ip, *p)).collect();
+    for key in &want {
+        sys::map_update(map, key, &1u32.to_ne_bytes(), BPF_ANY)
+            .map_err(on(crate::pin::PODNETS_MAP))?;
+    }
+    for key in podnet_keys(map)? {
+        if !want.contains(&key) {
+            sys::map_delete(map, &key).map_err(on(crate::pin::PODNETS_MAP))?;
+        }
+    }
+    Ok(())
+}
+
 /// Key of `ferrite_stats` and `ferrite_ifaces`: the host veth's ifindex.
 fn ifindex_key(ifindex: u32) -> u32 {
     ifindex
@@ -247,6 +303,24 @@ fn ifindex_key(ifindex: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::parse_cpu_list;
+
+    #[test]
+    fn podnet_keys_round_trip() {
+        use super::{podnet_key, podnet_of_key};
+        for (ip, len) in [("10.244.0.0", 16u8), ("fd00:10:244::", 56), ("0.0.0.0", 0)] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(podnet_of_key(&podnet_key(ip, len)), (ip, len));
+        }
+        let k = podnet_key("10.244.0.0".parse().unwrap(), 16);
+        assert_eq!(u32::from_ne_bytes(k[..4].try_into().unwrap()), 112);
+        assert_eq!(
+            &k[4..],
+            &"::ffff:10.244.0.0"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+    }
 
     #[test]
     fn cpu_lists() {

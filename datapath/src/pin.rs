@@ -3,8 +3,9 @@
 //! ```text
 //! <bpffs_root>/                      flock(LOCK_EX) on this directory's fd serialises loaders
 //! <bpffs_root>/<version>/from_pod    program pins
-//! <bpffs_root>/<version>/to_pod
-//! <bpffs_root>/<version>/ferrite_endpts, ferrite_ifaces, ferrite_stats, ferrite_stkflow   map pins
+//! <bpffs_root>/<version>/to_pod, from_uplink, to_uplink
+//! <bpffs_root>/<version>/ferrite_endpts, ferrite_ifaces, ferrite_stats, ferrite_stkflow,
+//!                        ferrite_podnets                                   map pins
 //! <bpffs_root>/tmp-<version>-<pid>/  a loader's work in progress, renamed to <version> when complete
 //! ```
 //! A version directory is complete once it exists: it appears by `rename(2)`.
@@ -31,6 +32,9 @@ pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The program and map pins inside a version directory.
 pub(crate) const FROM_POD: &str = "from_pod";
 pub(crate) const TO_POD: &str = "to_pod";
+pub(crate) const FROM_UPLINK: &str = "from_uplink";
+pub(crate) const TO_UPLINK: &str = "to_uplink";
+pub(crate) const PODNETS_MAP: &str = "ferrite_podnets";
 pub(crate) const ENDPOINTS_MAP: &str = "ferrite_endpts";
 pub(crate) const IFACES_MAP: &str = "ferrite_ifaces";
 pub(crate) const STATS_MAP: &str = "ferrite_stats";

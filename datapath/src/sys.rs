@@ -35,6 +35,7 @@ const BPF_OBJ_GET: i32 = 7;
 const BPF_PROG_TEST_RUN: i32 = 10;
 const BPF_OBJ_GET_INFO_BY_FD: i32 = 15;
 const BPF_PROG_ATTACH: i32 = 8;
+const BPF_PROG_DETACH: i32 = 9;
 const BPF_PROG_GET_FD_BY_ID: i32 = 13;
 const BPF_PROG_QUERY: i32 = 16;
 
@@ -313,6 +314,21 @@ pub(crate) fn tcx_attach(
         attr.replace_bpf_fd = old.as_raw_fd() as u32;
     }
     bpf(BPF_PROG_ATTACH, "BPF_PROG_ATTACH", &mut attr).map(drop)
+}
+
+/// Detaches `prog` from device `ifindex`'s TCX hook `attach_type`.
+pub(crate) fn tcx_detach(
+    ifindex: u32,
+    attach_type: u32,
+    prog: BorrowedFd<'_>,
+) -> Result<(), SysError> {
+    let mut attr = AttachAttr {
+        target_ifindex: ifindex,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_DETACH, "BPF_PROG_DETACH", &mut attr).map(drop)
 }
 
 #[repr(C)]

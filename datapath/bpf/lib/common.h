@@ -53,6 +53,12 @@ _Static_assert(sizeof(union v6addr) == 16, "v6addr size");
  */
 #define FERRITE_MARK_SHAPED 0x46520001
 
+/*
+ * skb->mark from_pod sets on a packet it sends to another node through the
+ * fast path, so to_uplink does not take it for a flow the host stack sent.
+ */
+#define FERRITE_MARK_REMOTE 0x46520002
+
 /* ferrite_endpts value: where a pod IP lives. */
 struct endpoint {
 	__u32 ifindex;		/* host veth */
@@ -138,6 +144,28 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrite_stkflow SEC(".maps");
+
+/*
+ * ferrite_podnets key: the cluster's pod CIDRs (IPv4 v4-mapped, its prefix
+ * length plus 96), written by the node agent. A destination inside them
+ * that is not on this node is another node's pod: from_pod sends it to the
+ * uplink through the kernel's FIB. Empty (no agent, or the fast path
+ * switched off): such traffic takes the host stack.
+ */
+struct podnet_key {
+	__u32 prefixlen;
+	union v6addr addr;
+};
+_Static_assert(sizeof(struct podnet_key) == 20, "podnet_key size");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 64);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct podnet_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrite_podnets SEC(".maps");
 
 static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 {

@@ -8,6 +8,9 @@
 #define FERRITE_FLOW_H
 
 #include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
 
 #include "common.h"
 
@@ -88,6 +91,102 @@ static __always_inline void flow_reverse(struct flow_key *key)
 		key->sport = key->dport;
 		key->dport = port;
 	}
+}
+
+#ifndef IP_OFFSET
+#define IP_OFFSET 0x1fff
+#endif
+
+/* Refresh a known flow's timestamp at most this often (cache-line traffic). */
+#define STACKFLOW_REFRESH_NS 1000000000ULL
+
+/*
+ * The flow of the IPv4 packet at @l3 into @key. Returns 0, or -1 for what
+ * has no flow to match: a malformed header, a later fragment (no ports; the
+ * first fragment carries the flow).
+ */
+static __always_inline int flow_of_ipv4(struct flow_key *key, void *l3,
+					void *data_end)
+{
+	struct iphdr *ip = l3;
+	__u32 hlen;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	hlen = (ip->ihl & 0xf) * 4;
+	if (ip->version != 4 || hlen < sizeof(*ip))
+		return -1;
+	if (ip->frag_off & bpf_htons(IP_OFFSET))
+		return -1;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	v4_mapped(&key->saddr, ip->saddr);
+	v4_mapped(&key->daddr, ip->daddr);
+	key->proto = ip->protocol;
+	return flow_ports(key, l3 + hlen, data_end) < 0 ? -1 : 0;
+}
+
+/* The same for IPv6; extension headers are not walked (ports stay 0). */
+static __always_inline int flow_of_ipv6(struct flow_key *key, void *l3,
+					void *data_end)
+{
+	struct ipv6hdr *ip6 = l3;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return -1;
+	if (ip6->version != 6 || ip6->nexthdr == IPPROTO_FRAGMENT)
+		return -1;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(&key->saddr, &ip6->saddr, sizeof(key->saddr));
+	__builtin_memcpy(&key->daddr, &ip6->daddr, sizeof(key->daddr));
+	key->proto = ip6->nexthdr;
+	return flow_ports(key, ip6 + 1, data_end) < 0 ? -1 : 0;
+}
+
+/* The flow of an Ethernet frame carrying IPv4 or IPv6; -1 for anything else. */
+static __always_inline int flow_of_frame(struct flow_key *key, void *data,
+					 void *data_end)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return flow_of_ipv4(key, eth + 1, data_end);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return flow_of_ipv6(key, eth + 1, data_end);
+	return -1;
+}
+
+/*
+ * The host stack carried @key: record its answer's tuple (the reverse),
+ * so the answer is kept on the stack too.
+ */
+static __always_inline void remember_reply(struct flow_key *key)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 *seen;
+
+	flow_reverse(key);
+	seen = bpf_map_lookup_elem(&ferrite_stkflow, key);
+	if (seen) {
+		if (now - *seen > STACKFLOW_REFRESH_NS)
+			*seen = now;
+		return;
+	}
+	bpf_map_update_elem(&ferrite_stkflow, key, &now, BPF_ANY);
+}
+
+/* Whether @key is a flow the host stack carried (see remember_reply). */
+static __always_inline int is_stack_flow(const struct flow_key *key)
+{
+#ifndef FERRITE_NO_STACKFLOW
+	/* Off only in a benchmark build that measures what this lookup costs. */
+	return bpf_map_lookup_elem(&ferrite_stkflow, key) != NULL;
+#else
+	return 0;
+#endif
 }
 
 #endif /* FERRITE_FLOW_H */

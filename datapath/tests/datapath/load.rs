@@ -39,6 +39,7 @@ fn second_open_or_load_opens_the_pins() {
         [
             "ferrite_endpts",
             "ferrite_ifaces",
+            "ferrite_podnets",
             "ferrite_stats",
             "ferrite_stkflow",
             "from_pod",

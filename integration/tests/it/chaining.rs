@@ -25,15 +25,38 @@ fn plugin_path(kind: &str) -> PathBuf {
     }
 }
 
-/// portmap 1.1.1's CHECK looks for its per-container chain in ip6tables
-/// too, even when the pod has no IPv6 address, and fails (its IPv4 check
-/// has passed by then). Not ferrite's doing; fixed in later plugin releases.
-fn portmap_ipv6_check_bug(plugin: &Value, result: &Value, inv: &Invocation) -> bool {
-    let ipv4_only = result["ips"].as_array().is_some_and(|ips| {
-        ips.iter()
-            .all(|i| !i["address"].as_str().unwrap_or("").contains(':'))
-    });
-    plugin["type"] == "portmap" && ipv4_only && inv.stdout.contains("could not check ipv6 dnat")
+/// portmap 1.1.1's CHECK compares the rules of each of the pod's families
+/// with both iptables and ip6tables, and so fails for every pod when both
+/// are usable: "could not check ipv6 dnat" for an IPv4-only pod (no chain
+/// in ip6tables; its IPv4 check has passed by then), "could not check ipv4
+/// dnat" for an IPv6-only pod (no chain in iptables, before its IPv6 check
+/// runs), and for a dual-stack pod "could not check ipv6 dnat" quoting the
+/// IPv4 rules, which it looked for in ip6tables. Not ferrite's doing, fixed
+/// in later plugin releases; the IPv6 hostPort test reads ip6tables itself.
+fn portmap_check_family_bug(plugin: &Value, result: &Value, inv: &Invocation) -> bool {
+    let addrs: Vec<&str> = result["ips"]
+        .as_array()
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|i| i["address"].as_str()?.split('/').next())
+                .collect()
+        })
+        .unwrap_or_default();
+    let family_bug = |checked: &str, v6: bool| {
+        let Some((_, rest)) = inv
+            .stdout
+            .split_once(&format!("could not check {checked} dnat"))
+        else {
+            return false;
+        };
+        let of_family: Vec<&&str> = addrs.iter().filter(|a| a.contains(':') == v6).collect();
+        // The pod lacks this family, or the rules quoted are the other one's.
+        of_family.is_empty()
+            || addrs
+                .iter()
+                .any(|a| a.contains(':') != v6 && rest.contains(&format!(" {a}/")))
+    };
+    plugin["type"] == "portmap" && (family_bug("ipv6", true) || family_bug("ipv4", false))
 }
 
 /// One conflist attached to one pod namespace; on drop, DEL runs for the
@@ -138,8 +161,8 @@ impl<'a> Chain<'a> {
         let prev = self.result.as_ref().expect("CHECK after ADD");
         for i in 0..self.plugins.len() {
             let inv = self.call(i, "CHECK", Some(prev))?;
-            if !inv.ok && portmap_ipv6_check_bug(&self.plugins[i], prev, &inv) {
-                eprintln!("portmap 1.1.1 CHECKs ip6tables for an IPv4-only pod: ignored");
+            if !inv.ok && portmap_check_family_bug(&self.plugins[i], prev, &inv) {
+                eprintln!("portmap 1.1.1 CHECKs a family in the wrong table: ignored");
                 continue;
             }
             if !inv.ok {

@@ -1,11 +1,18 @@
 //! IPv6-only and dual-stack pods on the same fast path, with IPv6 (and
 //! IPv4) forwarding off on the node.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::json;
 
-use crate::harness::{privileged, tcp_echo, unique, Netns, Node};
+use crate::chaining::Chain;
+use crate::harness::{endpoint_counters, privileged, tcp_echo, unique, Netns, Node};
+use crate::node::{
+    bandwidth_both_directions, connect, delta, enable_forwarding, exchange, serve_echo, Remote,
+    UPLINK_NODE, UPLINK_REMOTE,
+};
 
 fn dual(node: &mut Node, v4: &str, v6: &str) {
     node.extra = json!({
@@ -251,4 +258,279 @@ fn ipv6_service_dnat_between_pods() {
         // No masquerade between pods: the backend saw the client itself.
         assert_eq!(server.join().unwrap().ip(), b.ip());
     });
+}
+
+/// The node's IPv6 address on its uplink to the remote host, and the
+/// remote's (documentation prefix, inside the test's namespaces only).
+const UPLINK6_NODE: &str = "2001:db8:100::1";
+const UPLINK6_REMOTE: &str = "2001:db8:100::2";
+
+/// A counter of the namespace's IPv6 MIB (/proc/net/snmp6).
+fn snmp6(ns: &Netns, key: &str) -> u64 {
+    let table = ns.exec("cat /proc/net/snmp6").unwrap();
+    table
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(key)).then(|| w.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {key} in /proc/net/snmp6"))
+}
+
+/// hostPort over IPv6: the reference portmap chained after ferrite, for an
+/// IPv6-only and for a dual-stack pod, reached at the node's IPv6 address
+/// from another pod on the node, from a process in the node namespace and
+/// from a host on the node's uplink; a dual-stack pod's port is reached
+/// over IPv4 as well. `[::1]:hostPort` cannot work (see the end).
+#[test]
+fn ipv6_host_port_through_portmap() {
+    if !privileged("ipv6_host_port_through_portmap") {
+        return;
+    }
+    for v4 in [None, Some("10.78.0.0/24")] {
+        let mut node = Node::new("fd00:78::/64").unwrap();
+        if let Some(v4) = v4 {
+            dual(&mut node, v4, "fd00:78::/64");
+        }
+        host_port_v6(&node, v4.is_some());
+    }
+}
+
+fn host_port_v6(node: &Node, dual_stack: bool) {
+    let kind = if dual_stack {
+        "dual-stack"
+    } else {
+        "IPv6-only"
+    };
+    const HOST_PORT: u16 = 18080;
+    // hostPorts need forwarding on the node, as every Kubernetes node has.
+    node.ns
+        .exec("sysctl -qw net.ipv6.conf.all.forwarding=1")
+        .unwrap();
+    if dual_stack {
+        enable_forwarding(node);
+    }
+    let remote = Remote::new(node).unwrap();
+    node.ns
+        .exec(&format!(
+            "ip -6 addr add {UPLINK6_NODE}/64 dev {} nodad",
+            remote.uplink
+        ))
+        .unwrap();
+    remote
+        .ns
+        .exec(&format!(
+            "ip -6 addr add {UPLINK6_REMOTE}/64 dev eth0 nodad"
+        ))
+        .unwrap();
+    let client = node.add_pod("1.0.0").unwrap();
+    let mut web = Chain::new(
+        node,
+        json!({}),
+        vec![json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true})],
+        json!({"portMappings": [{"hostPort": HOST_PORT, "containerPort": 8080, "protocol": "tcp"}]}),
+    )
+    .unwrap();
+    let result = web.add().unwrap().clone();
+    // (portmap 1.1.1's CHECK fails for IPv6-only and dual-stack pods before
+    // it has compared the IPv6 rules: chaining.rs ignores that failure, and
+    // this test reads ip6tables itself.)
+    web.check().unwrap();
+    let web_ips = ips(&result);
+    let web6 = *web_ips.iter().find(|ip| ip.is_ipv6()).unwrap();
+    assert_eq!(web_ips.iter().any(IpAddr::is_ipv4), dual_stack, "{kind}");
+    let client_ips = ips(&client.result);
+    let client6 = *client_ips.iter().find(|ip| ip.is_ipv6()).unwrap();
+    // portmap found the pod's IPv6 address in ferrite's result.
+    let nat6 = node.ns.exec("ip6tables-save -t nat").unwrap();
+    assert!(
+        nat6.contains(&format!("--to-destination [{web6}]:8080")),
+        "{kind}: portmap wrote no IPv6 DNAT:\n{nat6}"
+    );
+    let nat4 = node.ns.exec("iptables-save -t nat").unwrap();
+    assert_eq!(
+        nat4.contains(&format!("--dport {HOST_PORT}")),
+        dual_stack,
+        "{kind}: IPv4 rules exactly when the pod has IPv4:\n{nat4}"
+    );
+
+    let node6: IpAddr = UPLINK6_NODE.parse().unwrap();
+    let mut clients: Vec<(&str, &Netns, SocketAddr, IpAddr)> = vec![
+        (
+            "pod",
+            &client.ns,
+            SocketAddr::new(node6, HOST_PORT),
+            client6,
+        ),
+        ("node", &node.ns, SocketAddr::new(node6, HOST_PORT), node6),
+        (
+            "remote",
+            &remote.ns,
+            SocketAddr::new(node6, HOST_PORT),
+            UPLINK6_REMOTE.parse().unwrap(),
+        ),
+    ];
+    if dual_stack {
+        let node4: IpAddr = UPLINK_NODE.parse().unwrap();
+        let client4 = *client_ips.iter().find(|ip| ip.is_ipv4()).unwrap();
+        clients.extend([
+            (
+                "pod over IPv4",
+                &client.ns,
+                SocketAddr::new(node4, HOST_PORT),
+                client4,
+            ),
+            (
+                "node over IPv4",
+                &node.ns,
+                SocketAddr::new(node4, HOST_PORT),
+                node4,
+            ),
+            (
+                "remote over IPv4",
+                &remote.ns,
+                SocketAddr::new(node4, HOST_PORT),
+                UPLINK_REMOTE.parse().unwrap(),
+            ),
+        ]);
+    }
+
+    let before = node.stats().unwrap();
+    // One socket for both families ([::] takes IPv4 as v4-mapped).
+    let listener = web
+        .ns
+        .run(|| TcpListener::bind("[::]:8080"))
+        .unwrap()
+        .unwrap();
+    std::thread::scope(|s| {
+        let n = clients.len();
+        let server = s.spawn(move || serve_echo(listener, n, Duration::from_secs(20)));
+        for (who, ns, to, _) in &clients {
+            let mut conn = connect(ns, *to)
+                .with_context(|| format!("{kind}: {who} -> hostPort {to}"))
+                .unwrap();
+            exchange(&mut conn, 256 << 10, 0x46)
+                .with_context(|| format!("{kind}: {who} -> hostPort {to}"))
+                .unwrap();
+        }
+        let peers = server.join().unwrap().unwrap();
+        eprintln!("{kind} hostPort {HOST_PORT}: backend saw {peers:?}");
+        // DNAT only: each client reached the pod under its own address
+        // (portmap's snat masquerades hairpin traffic only).
+        for ((who, _, _, want), peer) in clients.iter().zip(&peers) {
+            assert_eq!(peer.ip().to_canonical(), *want, "{kind}: {who}");
+        }
+    });
+    // Every answer went back through the host stack, which un-NATed it:
+    // none took the redirect, not even those to the pod on the same node.
+    let after = node.stats().unwrap();
+    let wd = delta(
+        endpoint_counters(&after, web6),
+        endpoint_counters(&before, web6),
+    );
+    let cd = delta(
+        endpoint_counters(&after, client6),
+        endpoint_counters(&before, client6),
+    );
+    eprintln!("{kind}: web pod sent {} packets, {} redirected; client pod got {} redirected in, {} via the stack", wd[0], wd[2], cd[4], cd[5]);
+    assert!(wd[0] > 50, "{kind}: the web pod answered: {wd:?}");
+    assert_eq!(wd[2], 0, "{kind}: no hostPort answer takes the redirect");
+    assert_eq!(cd[4], 0, "{kind}: the client got nothing redirected");
+
+    if !dual_stack {
+        loopback_host_port_is_unreachable(node, &web, HOST_PORT);
+    }
+
+    web.del().unwrap();
+    let nat6 = node.ns.exec("ip6tables-save -t nat").unwrap();
+    assert!(
+        !nat6.contains(&format!("--dport {HOST_PORT}")),
+        "{kind}: DEL left portmap's IPv6 rules:\n{nat6}"
+    );
+    assert_eq!(node.allocations().len(), client_ips.len(), "{kind}");
+}
+
+/// `[::1]:hostPort` from the node cannot reach the pod, and no NAT rule
+/// can make it; IPv4's `127.0.0.1:hostPort` works only through
+/// `route_localnet`, which IPv6 lacks. What happens, step by step (each
+/// step asserted below):
+///
+/// 1. portmap's OUTPUT rule (`-m addrtype --dst-type LOCAL`) matches ::1
+///    and DNATs the SYN to the pod. For IPv4 it also marks 127.0.0.1 for
+///    masquerade and sets route_localnet on the host veth; for IPv6 (1.1.1,
+///    `if !isV6`) it does neither. The SYN leaves with source ::1, and the
+///    pod's kernel drops it on arrival: ip6_rcv_core refuses a loopback
+///    source or destination on a non-loopback device (RFC 4291 2.5.3),
+///    counted as Ip6InHdrErrors in the pod. The client times out.
+/// 2. A MASQUERADE of source ::1 written by hand gets the SYN in (source
+///    now a node address), and the pod answers; but conntrack un-NATs the
+///    SYN-ACK in PREROUTING to destination ::1, and the route lookup for
+///    ::1 arriving on the host veth (not a loopback device) fails: the node
+///    counts Ip6InNoRoutes and sends ICMPv6 unreachable. IPv4 has
+///    net.ipv4.conf.*.route_localnet for exactly this; IPv6 has no
+///    counterpart, so the client times out again.
+///
+/// A process on the node reaches the hostPort at any of the node's other
+/// IPv6 addresses (the node case above).
+fn loopback_host_port_is_unreachable(node: &Node, web: &Chain<'_>, port: u16) {
+    let to = SocketAddr::new("::1".parse().unwrap(), port);
+    let try_loopback = || {
+        node.ns
+            .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+            .unwrap()
+    };
+    // A listener, so that a SYN that got in would be answered.
+    let _listener = web
+        .ns
+        .run(|| TcpListener::bind("[::]:8080"))
+        .unwrap()
+        .unwrap();
+
+    let hdr_errors = snmp6(&web.ns, "Ip6InHdrErrors");
+    let err = try_loopback().expect_err("[::1]:hostPort cannot reach an IPv6 pod");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "DNATed (not refused by the node), then lost: {err}"
+    );
+    assert!(
+        snmp6(&web.ns, "Ip6InHdrErrors") > hdr_errors,
+        "the pod dropped the SYN from ::1 as a header error"
+    );
+
+    let masq = format!(
+        "POSTROUTING -s ::1/128 -o {} -j MASQUERADE",
+        web.host_veth()
+    );
+    node.ns
+        .exec(&format!("ip6tables -t nat -I {masq}"))
+        .unwrap();
+    let hdr_errors = snmp6(&web.ns, "Ip6InHdrErrors");
+    let no_routes = snmp6(&node.ns, "Ip6InNoRoutes");
+    let err = try_loopback().expect_err("masquerading ::1 does not help");
+    node.ns
+        .exec(&format!("ip6tables -t nat -D {masq}"))
+        .unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert_eq!(
+        snmp6(&web.ns, "Ip6InHdrErrors"),
+        hdr_errors,
+        "masqueraded, the SYN got into the pod"
+    );
+    assert!(
+        snmp6(&node.ns, "Ip6InNoRoutes") > no_routes,
+        "the answer, un-NATed to ::1, found no route on the node"
+    );
+}
+
+/// The bandwidth capability (ferrite's own TBFs) on an IPv6-only pod: the
+/// same limits and measurements as the IPv4 test, to the pod and from it,
+/// through the host stack (the node) and through the fast path (a pod on
+/// the same node), each within 15 %.
+#[test]
+fn ipv6_bandwidth_limits_both_directions() {
+    if !privileged("ipv6_bandwidth_limits_both_directions") {
+        return;
+    }
+    bandwidth_both_directions("fd00:77::/64", "2001:db8:77::1".parse().unwrap());
 }

@@ -3,6 +3,7 @@
 
 mod chaining;
 mod cni;
+mod crossnode;
 mod harness;
 mod ipv6;
 mod node;

@@ -12,14 +12,14 @@ use serde_json::json;
 use crate::chaining::Chain;
 use crate::harness::{endpoint_counters, privileged, tcp_echo, unique, Netns, Node};
 
-const VIP: &str = "10.96.0.10";
+pub(crate) const VIP: &str = "10.96.0.10";
 /// The node's own address (kube-proxy masquerades hairpin traffic to it).
 const NODE_IP: &str = "192.0.2.1";
 
 /// A real node forwards (kubelet and kube-proxy require it); the fast path
 /// does not need it, but Service and hostPort traffic between pods and
 /// anything leaving the node takes the stack.
-fn enable_forwarding(node: &Node) {
+pub(crate) fn enable_forwarding(node: &Node) {
     node.ns
         .exec("echo 1 > /proc/sys/net/ipv4/ip_forward")
         .unwrap();
@@ -27,16 +27,16 @@ fn enable_forwarding(node: &Node) {
 
 /// A "remote host": a namespace joined to the node by a veth pair, node side
 /// 198.51.100.1/24, remote side 198.51.100.2/24.
-struct Remote {
-    ns: Netns,
-    uplink: String,
+pub(crate) struct Remote {
+    pub(crate) ns: Netns,
+    pub(crate) uplink: String,
 }
 
-const UPLINK_NODE: &str = "198.51.100.1";
-const UPLINK_REMOTE: &str = "198.51.100.2";
+pub(crate) const UPLINK_NODE: &str = "198.51.100.1";
+pub(crate) const UPLINK_REMOTE: &str = "198.51.100.2";
 
 impl Remote {
-    fn new(node: &Node) -> Result<Self> {
+    pub(crate) fn new(node: &Node) -> Result<Self> {
         let ns = Netns::new("r")?;
         let uplink = unique("u");
         let peer = unique("d");
@@ -118,7 +118,7 @@ pub(crate) fn connect(ns: &Netns, to: SocketAddr) -> Result<TcpStream> {
 /// A UDP echo in `server` for `datagrams` datagrams; the client in `client`
 /// sends to `to` and checks that every answer comes from `to` itself (for a
 /// Service: conntrack undid the DNAT, so the reply took the stack).
-fn udp_round_trips(
+pub(crate) fn udp_round_trips(
     server: &Netns,
     bind: SocketAddr,
     client: &Netns,
@@ -160,7 +160,7 @@ fn udp_round_trips(
 /// kube-proxy's iptables rules for one ClusterIP Service with one endpoint:
 /// DNAT in KUBE-SEP, the hairpin mark when the endpoint is the client, and
 /// the masquerade of marked packets in KUBE-POSTROUTING.
-fn kube_proxy_rules(node: &Node, backend: IpAddr) {
+pub(crate) fn kube_proxy_rules(node: &Node, backend: IpAddr) {
     let rules = format!(
         "*nat
 :KUBE-SERVICES - [0:0]
@@ -206,7 +206,7 @@ fn idle() -> Duration {
     )
 }
 
-fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
+pub(crate) fn delta(after: [u64; 6], before: [u64; 6]) -> [u64; 6] {
     let mut d = [0; 6];
     for i in 0..6 {
         d[i] = after[i] - before[i];
@@ -491,7 +491,7 @@ fn pod_egress_through_node_masquerade() {
 
 /// iperf3 from `client` to a one-shot server in `server` at `ip` for
 /// `secs` seconds; returns the rate the receiver measured, in bits/s.
-fn iperf3(server: &Netns, ip: IpAddr, client: &Netns, secs: u32) -> Result<f64> {
+pub(crate) fn iperf3(server: &Netns, ip: IpAddr, client: &Netns, secs: u32) -> Result<f64> {
     let mut srv = std::process::Command::new("ip")
         .args(["netns", "exec", &server.name, "iperf3", "-s", "-1", "-B"])
         .arg(ip.to_string())
@@ -522,7 +522,7 @@ fn iperf3(server: &Netns, ip: IpAddr, client: &Netns, secs: u32) -> Result<f64> 
         .with_context(|| format!("no received rate in {out}"))
 }
 
-fn within(measured: f64, wanted: u64, tolerance: f64) -> bool {
+pub(crate) fn within(measured: f64, wanted: u64, tolerance: f64) -> bool {
     (measured - wanted as f64).abs() <= wanted as f64 * tolerance
 }
 
@@ -535,11 +535,19 @@ fn bandwidth_limits_both_directions() {
     if !privileged("bandwidth_limits_both_directions") {
         return;
     }
+    bandwidth_both_directions("10.77.0.0/24", NODE_IP.parse().unwrap());
+}
+
+/// The body of the bandwidth tests, for pods of `subnet`'s family, with
+/// `node_ip` (same family) as the node's own address on its loopback.
+pub(crate) fn bandwidth_both_directions(subnet: &str, node_ip: IpAddr) {
     const INGRESS: u64 = 40_000_000;
     const EGRESS: u64 = 20_000_000;
-    let node = Node::new("10.77.0.0/24").unwrap();
+    let family = if node_ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let node = Node::new(subnet).unwrap();
+    let host_len = if node_ip.is_ipv4() { 32 } else { 128 };
     node.ns
-        .exec(&format!("ip addr add {NODE_IP}/32 dev lo"))
+        .exec(&format!("ip addr add {node_ip}/{host_len} dev lo"))
         .unwrap();
     let peer = node.add_pod("1.0.0").unwrap();
     let mut shaped = Chain::new(
@@ -562,17 +570,17 @@ fn bandwidth_limits_both_directions() {
     let pod_qdisc = shaped.ns.exec("tc qdisc show dev eth0").unwrap();
     assert!(pod_qdisc.contains("tbf"), "{pod_qdisc}");
 
-    let node_ip: IpAddr = NODE_IP.parse().unwrap();
     let before = node.stats().unwrap();
     let to_pod_same_node = iperf3(&shaped.ns, shaped.ip(), &peer.ns, 3).unwrap();
     let mid = node.stats().unwrap();
     let from_pod_same_node = iperf3(&peer.ns, peer.ip(), &shaped.ns, 3).unwrap();
+    let mid2 = node.stats().unwrap();
     let to_pod_from_node = iperf3(&shaped.ns, shaped.ip(), &node.ns, 3).unwrap();
     let from_pod_to_node = iperf3(&node.ns, node_ip, &shaped.ns, 3).unwrap();
     let unshaped = iperf3(&peer.ns, peer.ip(), &node.ns, 2).unwrap();
     let mbit = |v: f64| v / 1e6;
     eprintln!(
-        "bandwidth (Mbit/s): ingress limit {} -> same-node {:.1}, from node {:.1}; \
+        "{family} bandwidth (Mbit/s): ingress limit {} -> same-node {:.1}, from node {:.1}; \
          egress limit {} -> same-node {:.1}, to node {:.1}; unshaped pod from node {:.0}",
         INGRESS / 1_000_000,
         mbit(to_pod_same_node),
@@ -593,17 +601,36 @@ fn bandwidth_limits_both_directions() {
         endpoint_counters(&mid, shaped.ip()),
     );
     let (pd, sd) = (delta(p1, p0), delta(s1, s0));
-    eprintln!("same-node to shaped pod: peer sent {} packets, {} redirected; shaped pod got {} redirected in, {} via the stack; sent {}, {} redirected", pd[0], pd[2], sd[4], sd[5], sd[0], sd[2]);
+    eprintln!("{family} same-node to shaped pod: peer sent {} packets, {} redirected; shaped pod got {} redirected in, {} via the stack; sent {}, {} redirected", pd[0], pd[2], sd[4], sd[5], sd[0], sd[2]);
     // (A few packets are IPv6 neighbour discovery, which always takes the stack.)
     assert!(
         pd[2] * 100 >= pd[0] * 95,
-        "peer -> shaped pod takes the fast path: {pd:?}"
+        "{family}: peer -> shaped pod takes the fast path: {pd:?}"
     );
-    assert!(sd[2] * 100 >= sd[0] * 95, "and so do the answers: {sd:?}");
+    assert!(
+        sd[2] * 100 >= sd[0] * 95,
+        "{family}: and so do the answers: {sd:?}"
+    );
     // Neighbour discovery (a handful of packets) always takes the stack.
     assert!(
         sd[5] <= 10 + sd[4] / 20,
-        "the shaped pod's stream did not go through the stack: {sd:?}"
+        "{family}: the shaped pod's stream did not go through the stack: {sd:?}"
+    );
+    // The other way (the shaped pod sends, through its eth0's TBF), both
+    // directions of the stream take the fast path too.
+    let (p2, s2) = (
+        endpoint_counters(&mid2, peer.ip()),
+        endpoint_counters(&mid2, shaped.ip()),
+    );
+    let (pd, sd) = (delta(p2, p1), delta(s2, s1));
+    eprintln!("{family} shaped pod to same-node peer: shaped pod sent {} packets, {} redirected; peer got {} redirected in, {} via the stack; sent {}, {} redirected", sd[0], sd[2], pd[4], pd[5], pd[0], pd[2]);
+    assert!(
+        sd[2] * 100 >= sd[0] * 95,
+        "{family}: shaped pod -> peer takes the fast path: {sd:?}"
+    );
+    assert!(
+        pd[2] * 100 >= pd[0] * 95,
+        "{family}: and so do the answers: {pd:?}"
     );
 
     for (what, got, want) in [
@@ -614,7 +641,7 @@ fn bandwidth_limits_both_directions() {
     ] {
         assert!(
             within(got, want, 0.15),
-            "{what}: {:.1} Mbit/s, limit {} Mbit/s",
+            "{family}, {what}: {:.1} Mbit/s, limit {} Mbit/s",
             mbit(got),
             want / 1_000_000
         );

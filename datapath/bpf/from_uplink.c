@@ -1,0 +1,107 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * from_uplink: TCX ingress of the node's uplink: packets from other nodes.
+ *
+ * A packet for a pod on this node goes straight into it (bpf_redirect_peer,
+ * or through its host veth's egress when a qdisc shapes what it receives),
+ * unless its flow is one the host stack carried out (to_uplink recorded
+ * it: a Service's DNAT that conntrack must undo). Everything else passes on
+ * (TC_ACT_UNSPEC), untouched, to whatever else the shared uplink runs, and
+ * then to the stack. Never drops.
+ */
+#include <stddef.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+
+#include "lib/common.h"
+#include "lib/flow.h"
+#include "lib/stats.h"
+
+/* The IPv4 header checksum after the TTL went down by one. */
+static __always_inline int ttl_down_ipv4(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	__be16 old_word, new_word;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	if (ip->ttl <= 1)
+		return -1;
+	__builtin_memcpy(&old_word, &ip->ttl, sizeof(old_word));
+	ip->ttl--;
+	__builtin_memcpy(&new_word, &ip->ttl, sizeof(new_word));
+	return bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check),
+				   old_word, new_word, sizeof(new_word));
+}
+
+static __always_inline int hop_down_ipv6(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+
+	if ((void *)(ip6 + 1) > data_end)
+		return -1;
+	if (ip6->hop_limit <= 1)
+		return -1;
+	ip6->hop_limit--;
+	return 0;
+}
+
+SEC("classifier")
+int from_uplink(struct __sk_buff *skb)
+{
+	struct endpoint_stats *st;
+	struct endpoint *dst;
+	struct flow_key key;
+	struct ethhdr *eth;
+	void *data, *data_end;
+	int down;
+
+	/* Only frames addressed to this node; never another's. */
+	if (skb->pkt_type != PACKET_HOST)
+		return TC_ACT_UNSPEC;
+	pull_headers(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (flow_of_frame(&key, data, data_end) < 0)
+		return TC_ACT_UNSPEC;
+	dst = bpf_map_lookup_elem(&ferrite_endpts, &key.daddr);
+	if (!dst || is_stack_flow(&key))
+		return TC_ACT_UNSPEC;
+
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		down = ttl_down_ipv4(skb);
+	else
+		down = hop_down_ipv6(skb);
+	if (down < 0)
+		return TC_ACT_UNSPEC;
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	mac_copy(eth->h_dest, dst->pod_mac);
+	mac_copy(eth->h_source, dst->host_mac);
+
+	st = stats_of(dst->ifindex);
+	if (st) {
+		st->redirected_in_packets++;
+		st->redirected_in_bytes += skb->len;
+	}
+	if (dst->flags & ENDPOINT_F_SHAPED) {
+		skb->mark = FERRITE_MARK_SHAPED;
+		return bpf_redirect(dst->ifindex, 0);
+	}
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
