@@ -32,7 +32,8 @@ pub struct Config {
     /// A kubeconfig; without one the in-cluster config (or KUBECONFIG).
     pub kubeconfig: Option<PathBuf>,
     pub bpffs_root: PathBuf,
-    /// The ferrite CNI binary to install (empty: install nothing).
+    /// The ferrite CNI binary to install, or a directory holding it and the
+    /// reference plugins the conflist chains (empty: install nothing).
     pub plugin_source: PathBuf,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
@@ -98,7 +99,7 @@ const SETTINGS: &[Setting] = &[
     Setting {
         flag: "--plugin-source",
         env: "FERRITE_PLUGIN_SOURCE",
-        help: "the CNI binary to install; empty: none [/opt/ferrite/bin/ferrite]",
+        help: "the CNI binary, or a directory with it (and portmap); empty: none [/opt/ferrite/bin/ferrite]",
     },
     Setting {
         flag: "--cni-bin-dir",
@@ -144,6 +145,11 @@ const SETTINGS: &[Setting] = &[
         flag: "--metrics-addr",
         env: "FERRITE_METRICS_ADDR",
         help: "/healthz, /readyz, /metrics [0.0.0.0:9965]",
+    },
+    Setting {
+        flag: "--metrics-port",
+        env: "FERRITE_METRICS_PORT",
+        help: "the port alone (with the address above)",
     },
     Setting {
         flag: "--log-level",
@@ -272,6 +278,10 @@ impl Config {
                 "--metrics-addr" => {
                     c.metrics_addr = last.parse().map_err(|_| bad("an address:port"))?
                 }
+                // After --metrics-addr in SETTINGS: it changes that address's port.
+                "--metrics-port" => c
+                    .metrics_addr
+                    .set_port(last.parse().map_err(|_| bad("a port number"))?),
                 "--log-level" => {
                     c.log_level = match last.as_str() {
                         "error" => log::LevelFilter::Error,
@@ -448,6 +458,19 @@ mod tests {
         )
         .unwrap();
         assert!(c.check_for_run().is_ok());
+    }
+
+    #[test]
+    fn metrics_port_alone_or_with_an_address() {
+        let c = parse(&[], &[("FERRITE_METRICS_PORT", "9100")]).unwrap();
+        assert_eq!(c.metrics_addr, "0.0.0.0:9100".parse().unwrap());
+        let c = parse(
+            &["--metrics-addr", "127.0.0.1:1", "--metrics-port", "9101"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.metrics_addr, "127.0.0.1:9101".parse().unwrap());
+        assert!(parse(&["--metrics-port", "http"], &[]).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The agent's side of the cross-node eBPF fast path, and of removing the
-//! datapath's pins, behind small traits: the datapath crate does not offer
-//! all of it yet.
+//! datapath's pins, behind small traits: the tests record the calls, and
+//! pin removal needs one thing the datapath crate does not offer.
 
 use std::path::{Path, PathBuf};
 
@@ -14,44 +14,47 @@ pub enum FastPathError {
     Datapath(#[from] DatapathError),
 }
 
-/// The cross-node fast path: the datapath learns the cluster CIDRs (so
-/// `from_pod` knows what it may send straight to the uplink) and puts a
-/// program on the uplink's tc ingress (TCX, since the uplink is shared) that
-/// hands packets for local pods straight to them.
+/// The cross-node fast path: a program on the uplink's TCX ingress hands
+/// packets for local pods straight to them, one at TCX egress records the
+/// flows the stack carries out, and `from_pod` sends traffic for the
+/// cluster CIDRs (off this node) straight to the uplink.
 ///
 /// Every method must be idempotent and touch only ferrite's own programs:
 /// the agent calls them at every start, and `detach_uplink` on links that
 /// may carry nothing of ferrite's.
 pub trait FastPath: Send {
-    fn set_cluster_cidrs(&mut self, cidrs: &[IpNetwork]) -> Result<(), FastPathError>;
-    fn attach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError>;
-    fn detach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError>;
+    /// The cluster's pod CIDRs; empty switches `from_pod`'s side off.
+    fn set_cluster_cidrs(
+        &mut self,
+        dp: &Datapath,
+        cidrs: &[IpNetwork],
+    ) -> Result<(), FastPathError>;
+    fn attach_uplink(&mut self, dp: &Datapath, ifindex: u32) -> Result<(), FastPathError>;
+    /// Removes ferrite's uplink programs (any version); how many there were.
+    fn detach_uplink(&mut self, ifindex: u32) -> Result<usize, FastPathError>;
 }
 
-/// Does nothing yet.
-///
-/// TODO(datapath): call `Datapath::set_cluster_cidrs(&[IpNetwork])`,
-/// `Datapath::attach_uplink(ifindex)` and `Datapath::detach_uplink(ifindex)`
-/// once the datapath crate has them (TCX on the node's uplink).
+/// The fast path through the datapath crate.
 #[derive(Debug, Default)]
-pub struct PendingFastPath;
+pub struct EbpfFastPath;
 
-impl FastPath for PendingFastPath {
-    fn set_cluster_cidrs(&mut self, cidrs: &[IpNetwork]) -> Result<(), FastPathError> {
-        log::debug!("fast path: cluster CIDRs {cidrs:?} (not in the datapath yet)");
-        Ok(())
+impl FastPath for EbpfFastPath {
+    fn set_cluster_cidrs(
+        &mut self,
+        dp: &Datapath,
+        cidrs: &[IpNetwork],
+    ) -> Result<(), FastPathError> {
+        let nets: Vec<(std::net::IpAddr, u8)> =
+            cidrs.iter().map(|c| (c.network(), c.prefix())).collect();
+        Ok(dp.set_cluster_cidrs(&nets)?)
     }
 
-    fn attach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError> {
-        log::info!(
-            "uplink is link {ifindex}; the cross-node fast path is not in this datapath yet: kernel routes carry traffic between nodes"
-        );
-        Ok(())
+    fn attach_uplink(&mut self, dp: &Datapath, ifindex: u32) -> Result<(), FastPathError> {
+        Ok(dp.attach_uplink(ifindex)?)
     }
 
-    fn detach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError> {
-        log::debug!("fast path: detach from link {ifindex} (not in the datapath yet)");
-        Ok(())
+    fn detach_uplink(&mut self, ifindex: u32) -> Result<usize, FastPathError> {
+        Ok(Datapath::detach_uplink(ifindex)?)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod conflist;
 pub mod fastpath;
 pub mod files;
 pub mod http;
+pub mod install;
 pub mod masquerade;
 pub mod metrics;
 pub mod netlink;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use ferrite_agent::config::{self, Config};
-use ferrite_agent::fastpath::{FastPath, PendingFastPath, PinnedDatapath};
+use ferrite_agent::fastpath::{EbpfFastPath, PinnedDatapath};
 use ferrite_agent::metrics::AgentState;
 use ferrite_agent::sync::{self, NodeAgent};
 use ferrite_agent::{http, watch};
@@ -72,11 +72,6 @@ fn run() -> Result<ExitCode> {
     }
 }
 
-/// The cross-node fast path, or nothing while the datapath lacks it.
-fn fast_path() -> Box<dyn FastPath> {
-    Box::new(PendingFastPath)
-}
-
 fn agent(cfg: Config) -> Result<ExitCode> {
     log::info!(
         "ferrite-agent {} (datapath {}) on node {}",
@@ -86,7 +81,7 @@ fn agent(cfg: Config) -> Result<ExitCode> {
     );
     let state = Arc::new(AgentState::default());
     let (updates, snapshots) = std::sync::mpsc::channel();
-    let node_agent = NodeAgent::new(cfg.clone(), state.clone(), fast_path());
+    let node_agent = NodeAgent::new(cfg.clone(), state.clone(), Box::new(EbpfFastPath));
     let resync = cfg.resync;
     let worker = std::thread::Builder::new()
         .name("ferrite-sync".into())
@@ -143,18 +138,18 @@ async fn kube_client(cfg: &Config) -> Result<kube::Client> {
 }
 
 fn uninstall(cfg: &Config) -> Result<ExitCode> {
-    let mut fast_path = fast_path();
+    let mut fast_path = EbpfFastPath;
     let pins = PinnedDatapath {
         root: cfg.bpffs_root.clone(),
     };
-    let report = sync::uninstall(cfg, fast_path.as_mut(), &pins);
+    let report = sync::uninstall(cfg, &mut fast_path, &pins);
     log::info!(
-        "uninstall: conflist {}, plugin {}, {} routes, masquerade table {}, fast path checked on {} links, datapath versions {:?}",
+        "uninstall: conflist {}, plugin {}, {} routes, masquerade table {}, {} uplink programs, datapath versions {:?}",
         if report.conflist { "removed" } else { "absent" },
         if report.plugin { "removed" } else { "absent" },
         report.routes,
         if report.masquerade_table { "removed" } else { "absent" },
-        report.detached_links,
+        report.detached_programs,
         report.pin_versions
     );
     for e in &report.errors {

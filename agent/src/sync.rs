@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::conflist::{self, ConflistParams};
 use crate::fastpath::{remove_all_pins, DatapathPins, FastPath, FastPathError};
 use crate::files::{self, FileError};
+use crate::install;
 use crate::masquerade::{self, Family, MasqueradeSpec};
 use crate::metrics::AgentState;
 use crate::netlink::{LinkAddress, Netlink, NetlinkError};
@@ -229,20 +230,21 @@ impl NodeAgent {
     }
 
     fn install_plugin(&mut self) -> Result<bool, SyncError> {
-        if self.cfg.plugin_source.as_os_str().is_empty() {
-            return Ok(false);
-        }
-        let dest = self.cfg.plugin_path();
-        let wrote =
-            files::install_binary(&self.cfg.plugin_source, &dest).map_err(SyncError::Plugin)?;
-        if wrote {
+        let done = install::install(&self.cfg).map_err(SyncError::Plugin)?;
+        if done.plugin {
             log::info!(
-                "installed {} as {}",
-                self.cfg.plugin_source.display(),
-                dest.display()
+                "installed {} from {}",
+                self.cfg.plugin_path().display(),
+                self.cfg.plugin_source.display()
             );
         }
-        Ok(wrote)
+        for name in &done.companions {
+            log::info!(
+                "installed {} (the node had none)",
+                self.cfg.cni_bin_dir.join(name).display()
+            );
+        }
+        Ok(done.plugin || !done.companions.is_empty())
     }
 
     /// After this process loaded the datapath (a new version, or a wiped
@@ -303,18 +305,39 @@ impl NodeAgent {
         found
     }
 
+    /// On: the uplink programs first (so the flows the stack carries out
+    /// are recorded), then the cluster CIDRs that let `from_pod` use them.
+    /// Off, or no uplink found: the CIDRs cleared first (`from_pod` stops
+    /// sending to the uplink), then the programs detached. Kernel routing
+    /// carries the traffic either way, so errors are reported, not fatal.
     fn start_fast_path(&mut self, uplink: Option<u32>, report: &mut SyncReport) {
-        let result = if self.cfg.fast_path {
-            let cidrs = self.cfg.cluster_cidrs.clone();
-            self.fast_path.set_cluster_cidrs(&cidrs).and_then(|()| {
-                uplink.map_or(Ok(()), |ifindex| self.fast_path.attach_uplink(ifindex))
-            })
-        } else {
-            // Switched off: take away what an earlier run attached.
-            uplink.map_or(Ok(()), |ifindex| self.fast_path.detach_uplink(ifindex))
+        let dp = self.datapath.clone().expect("loaded before the fast path");
+        let result = match (self.cfg.fast_path, uplink) {
+            (true, Some(ifindex)) => {
+                let cidrs = self.cfg.cluster_cidrs.clone();
+                self.fast_path
+                    .attach_uplink(&dp, ifindex)
+                    .and_then(|()| self.fast_path.set_cluster_cidrs(&dp, &cidrs))
+                    .map(|()| {
+                        log::info!(
+                            "cross-node fast path on uplink {ifindex} for {}",
+                            list(&cidrs)
+                        )
+                    })
+            }
+            (on, uplink) => {
+                if on {
+                    report
+                        .warnings
+                        .push("no uplink: the cross-node fast path stays off".into());
+                }
+                self.fast_path.set_cluster_cidrs(&dp, &[]).and_then(|()| {
+                    uplink.map_or(Ok(()), |ifindex| {
+                        self.fast_path.detach_uplink(ifindex).map(drop)
+                    })
+                })
+            }
         };
-        // Kernel routing carries the traffic without the fast path: an
-        // error here is reported, not fatal.
         if let Err(e) = result {
             report.errors.push(SyncError::FastPath(e));
         }
@@ -615,15 +638,19 @@ pub fn sync_loop(mut agent: NodeAgent, updates: Receiver<Snapshot>, resync: Dura
 pub struct UninstallReport {
     pub conflist: bool,
     pub plugin: bool,
+    /// Reference plugins the agent had installed (see [`install`]).
+    pub companions: Vec<String>,
     pub routes: usize,
     pub masquerade_table: bool,
-    pub detached_links: usize,
+    /// ferrite's uplink programs taken off the node's links.
+    pub detached_programs: usize,
     pub pin_versions: Vec<String>,
     pub errors: Vec<SyncError>,
 }
 
 /// Removes everything ferrite put on the node, and nothing else: the
-/// conflist first (so kubelet stops using ferrite), the plugin binary, the
+/// conflist first (so kubelet stops using ferrite), the plugin binary (and
+/// the reference plugins the agent installed where the node had none), the
 /// routes with ferrite's protocol, the masquerade table, the fast path's
 /// programs, and the datapath pins. Goes on after a failure and reports
 /// every error.
@@ -645,6 +672,10 @@ pub fn uninstall(
         .and_then(|r| files::remove_temp_files(&plugin).map(|_| r))
     {
         Ok(removed) => report.plugin = removed,
+        Err(e) => report.errors.push(SyncError::Plugin(e)),
+    }
+    match install::remove_companions(cfg) {
+        Ok(names) => report.companions = names,
         Err(e) => report.errors.push(SyncError::Plugin(e)),
     }
     match Netlink::new() {
@@ -672,7 +703,7 @@ pub fn uninstall(
                         .collect();
                     for ifindex in links {
                         match fast_path.detach_uplink(ifindex) {
-                            Ok(()) => report.detached_links += 1,
+                            Ok(n) => report.detached_programs += n,
                             Err(e) => report.errors.push(SyncError::FastPath(e)),
                         }
                     }
@@ -748,7 +779,7 @@ mod tests {
         let mut agent = NodeAgent::new(
             cfg,
             state.clone(),
-            Box::<crate::fastpath::PendingFastPath>::default(),
+            Box::<crate::fastpath::EbpfFastPath>::default(),
         );
         let r = agent.sync(&Snapshot::default(), true);
         assert!(r.waiting.unwrap().contains("not in the API"));

@@ -187,6 +187,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
     let dirs = TempDir::new("bind").unwrap();
     std::fs::create_dir_all(dirs.join("src")).unwrap();
     std::fs::write(dirs.join("src/ferrite"), b"plugin").unwrap();
+    std::fs::write(dirs.join("src/portmap"), b"portmap").unwrap();
 
     // The Node exists but has no pod CIDR yet.
     let api = FakeApi::start(
@@ -219,8 +220,11 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
             "127.0.0.1:9965",
             "--bpffs-root",
             bpffs.join("ferrite").to_str().unwrap(),
+            // The image's layout: a directory with ferrite and portmap.
             "--plugin-source",
-            dirs.join("src/ferrite").to_str().unwrap(),
+            dirs.join("src").to_str().unwrap(),
+            "--state-dir",
+            dirs.join("state").to_str().unwrap(),
             "--cni-bin-dir",
             dirs.join("bin").to_str().unwrap(),
             "--cni-conf-dir",
@@ -274,6 +278,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
     });
     assert!(dirs.join("net.d/10-ferrite.conflist").exists());
     assert_eq!(std::fs::read(dirs.join("bin/ferrite")).unwrap(), b"plugin");
+    assert_eq!(std::fs::read(dirs.join("bin/portmap")).unwrap(), b"portmap");
     assert_eq!(
         ns.routes(RTPROT_FERRITE_NODES).unwrap(),
         ["10.244.2.0/24 via 192.0.2.2 dev up0"]
@@ -320,6 +325,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
     );
     assert!(!dirs.join("net.d/10-ferrite.conflist").exists());
     assert!(!dirs.join("bin/ferrite").exists());
+    assert!(!dirs.join("bin/portmap").exists());
     assert!(ns.routes(RTPROT_FERRITE_NODES).unwrap().is_empty());
     assert!(ns.exec("nft list table inet ferrite").is_err());
     assert!(!bpffs.join("ferrite").exists());

@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use ferrite_agent::config::Config;
-use ferrite_agent::fastpath::{FastPath, FastPathError, PinnedDatapath};
+use ferrite_agent::fastpath::{EbpfFastPath, FastPath, FastPathError, PinnedDatapath};
 use ferrite_agent::metrics::AgentState;
 use ferrite_agent::node::NodeInfo;
 use ferrite_agent::routes::RTPROT_FERRITE_NODES;
 use ferrite_agent::sync::{self, NodeAgent, Snapshot};
-use ferrite_datapath::DATAPATH_VERSION;
+use ferrite_datapath::{Datapath, DATAPATH_VERSION};
 use ipnetwork::IpNetwork;
 
 use crate::harness::{privileged, Netns, TempDir};
@@ -29,7 +29,11 @@ impl Recorder {
 }
 
 impl FastPath for Recorder {
-    fn set_cluster_cidrs(&mut self, cidrs: &[IpNetwork]) -> Result<(), FastPathError> {
+    fn set_cluster_cidrs(
+        &mut self,
+        _: &Datapath,
+        cidrs: &[IpNetwork],
+    ) -> Result<(), FastPathError> {
         let list: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
         self.0
             .lock()
@@ -37,13 +41,13 @@ impl FastPath for Recorder {
             .push(format!("cidrs {}", list.join(",")));
         Ok(())
     }
-    fn attach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError> {
+    fn attach_uplink(&mut self, _: &Datapath, ifindex: u32) -> Result<(), FastPathError> {
         self.0.lock().unwrap().push(format!("attach {ifindex}"));
         Ok(())
     }
-    fn detach_uplink(&mut self, ifindex: u32) -> Result<(), FastPathError> {
+    fn detach_uplink(&mut self, ifindex: u32) -> Result<usize, FastPathError> {
         self.0.lock().unwrap().push(format!("detach {ifindex}"));
-        Ok(())
+        Ok(0)
     }
 }
 
@@ -72,6 +76,7 @@ impl Node {
         let dirs = TempDir::new("lcd").unwrap();
         std::fs::create_dir_all(dirs.join("src")).unwrap();
         std::fs::write(dirs.join("src/ferrite"), b"\x7fELF the plugin").unwrap();
+        std::fs::write(dirs.join("src/portmap"), b"\x7fELF the image's portmap").unwrap();
         Node {
             ns,
             bpffs: TempDir::bpffs("lcb").unwrap(),
@@ -130,8 +135,12 @@ fn bootstrap_restart_node_changes_and_uninstall() {
         return;
     }
     let n = Node::new();
-    let cfg = n.config();
-    // What is not ferrite's: another config, another plugin, someone's
+    // The image's layout: a directory with ferrite and portmap.
+    let cfg = Config {
+        plugin_source: n.dirs.join("src"),
+        ..n.config()
+    };
+    // What is not ferrite's: another config, the node's own portmap, someone's
     // route and nftables table. All of it must survive.
     std::fs::create_dir_all(&cfg.cni_conf_dir).unwrap();
     std::fs::write(cfg.cni_conf_dir.join("99-other.conflist"), b"{}").unwrap();
@@ -205,8 +214,8 @@ fn bootstrap_restart_node_changes_and_uninstall() {
     assert_eq!(
         fast.calls(),
         [
+            format!("attach {}", n.uplink()),
             "cidrs 10.244.0.0/16,fd00:244::/32".to_string(),
-            format!("attach {}", n.uplink())
         ]
     );
     let metrics = state.render();
@@ -296,7 +305,12 @@ fn bootstrap_restart_node_changes_and_uninstall() {
     assert!(n.ns.routes(RTPROT_FERRITE_NODES).unwrap().is_empty());
     assert!(n.ns.exec("nft list table inet ferrite").is_err());
     assert!(cfg.cni_conf_dir.join("99-other.conflist").exists());
-    assert!(cfg.cni_bin_dir.join("portmap").exists());
+    assert_eq!(
+        std::fs::read(cfg.cni_bin_dir.join("portmap")).unwrap(),
+        b"other",
+        "the node's own portmap"
+    );
+    assert!(report.companions.is_empty());
     assert!(n.ns.exec("nft list table inet other").is_ok());
     let all = n.ns.exec("ip route show table all").unwrap();
     assert!(
@@ -343,7 +357,10 @@ fn masquerade_off_removes_the_table_and_fast_path_off_detaches() {
     let r = n.ns.run(|| agent.sync(&cluster(), true)).unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(n.ns.exec("nft list table inet ferrite").is_err());
-    assert_eq!(fast.calls(), [format!("detach {}", n.uplink())]);
+    assert_eq!(
+        fast.calls(),
+        ["cidrs ".to_string(), format!("detach {}", n.uplink())]
+    );
     // The rest of the node's setup stands.
     assert!(cfg.conflist_path().exists());
     assert_eq!(n.ns.routes(RTPROT_FERRITE_NODES).unwrap().len(), 2);
@@ -404,4 +421,88 @@ fn loading_the_datapath_under_a_running_node_asks_the_plugin_to_repair() {
         n.ns.run(|| sync::uninstall(&cfg, &mut Recorder::default(), &pins))
             .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[test]
+fn the_ebpf_fast_path_goes_on_the_uplink_and_comes_off_again() {
+    if !privileged("the_ebpf_fast_path_goes_on_the_uplink_and_comes_off_again") {
+        return;
+    }
+    let n = Node::new();
+    let cfg = n.config();
+    let uplink = n.uplink();
+    let mut agent = NodeAgent::new(
+        cfg.clone(),
+        Arc::new(AgentState::default()),
+        Box::new(EbpfFastPath),
+    );
+    let r = n.ns.run(|| agent.sync(&cluster(), true)).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let (attached, cidrs) =
+        n.ns.run(|| {
+            let dp = Datapath::open(&cfg.bpffs_root).unwrap().unwrap();
+            (
+                Datapath::attached_program_ids(uplink).unwrap(),
+                dp.cluster_cidrs().unwrap(),
+            )
+        })
+        .unwrap();
+    assert_eq!(attached.len(), 2, "from_uplink and to_uplink");
+    let mut cidrs: Vec<String> = cidrs
+        .iter()
+        .map(|(ip, len)| format!("{ip}/{len}"))
+        .collect();
+    cidrs.sort();
+    assert_eq!(cidrs, ["10.244.0.0/16", "fd00:244::/32"]);
+
+    // A restart attaches nothing twice.
+    let mut again = NodeAgent::new(
+        cfg.clone(),
+        Arc::new(AgentState::default()),
+        Box::new(EbpfFastPath),
+    );
+    n.ns.run(|| again.sync(&cluster(), true)).unwrap();
+    let attached =
+        n.ns.run(|| Datapath::attached_program_ids(uplink).unwrap())
+            .unwrap();
+    assert_eq!(attached.len(), 2);
+
+    // --fast-path=false: off the uplink, and from_pod's CIDRs cleared.
+    let off = Config {
+        fast_path: false,
+        ..cfg.clone()
+    };
+    let mut agent = NodeAgent::new(off, Arc::new(AgentState::default()), Box::new(EbpfFastPath));
+    let r = n.ns.run(|| agent.sync(&cluster(), true)).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let (attached, cidrs) =
+        n.ns.run(|| {
+            let dp = Datapath::open(&cfg.bpffs_root).unwrap().unwrap();
+            (
+                Datapath::attached_program_ids(uplink).unwrap(),
+                dp.cluster_cidrs().unwrap(),
+            )
+        })
+        .unwrap();
+    assert!(attached.is_empty() && cidrs.is_empty());
+
+    // On again, then uninstall takes it off.
+    let mut agent = NodeAgent::new(
+        cfg.clone(),
+        Arc::new(AgentState::default()),
+        Box::new(EbpfFastPath),
+    );
+    n.ns.run(|| agent.sync(&cluster(), true)).unwrap();
+    let pins = PinnedDatapath {
+        root: cfg.bpffs_root.clone(),
+    };
+    let report =
+        n.ns.run(|| sync::uninstall(&cfg, &mut EbpfFastPath, &pins))
+            .unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.detached_programs, 2);
+    let attached =
+        n.ns.run(|| Datapath::attached_program_ids(uplink).unwrap())
+            .unwrap();
+    assert!(attached.is_empty());
 }
