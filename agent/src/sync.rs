@@ -77,6 +77,8 @@ pub struct SyncReport {
 /// This node as bootstrap found it.
 struct Local {
     pod_cidrs: Vec<IpNetwork>,
+    /// The fast path is as configured; if not, full resyncs try again.
+    fast_path_done: bool,
 }
 
 /// The node agent's state on the node.
@@ -172,12 +174,19 @@ impl NodeAgent {
                 self.local = None;
             }
         }
-        if self.local.is_none() {
-            let uplink = self.find_uplink(&me, &mut report);
+        let fast_path_done = self.local.as_ref().is_some_and(|l| l.fast_path_done);
+        if self.local.is_none() || (full && !fast_path_done) {
+            let done = match self.find_uplink(&me, &mut report) {
+                Ok(uplink) => self.start_fast_path(uplink, &mut report),
+                Err(e) => {
+                    report.errors.push(e);
+                    false
+                }
+            };
             self.local = Some(Local {
                 pod_cidrs: me.pod_cidrs.clone(),
+                fast_path_done: done,
             });
-            self.start_fast_path(uplink, &mut report);
         }
 
         let masquerade_ok = self.sync_masquerade(&me, snap, full, &mut report);
@@ -287,12 +296,16 @@ impl NodeAgent {
     }
 
     /// The link that holds this Node's InternalIP (IPv4 preferred).
-    fn find_uplink(&mut self, me: &NodeInfo, report: &mut SyncReport) -> Option<u32> {
+    fn find_uplink(
+        &mut self,
+        me: &NodeInfo,
+        report: &mut SyncReport,
+    ) -> Result<Option<u32>, SyncError> {
         let addrs = match self.netlink().and_then(|n| n.addresses()) {
             Ok(a) => a,
             Err(e) => {
-                report.errors.push(SyncError::Routes(e));
-                return None;
+                self.netlink = None;
+                return Err(SyncError::Routes(e));
             }
         };
         let found = uplink_of(&me.internal_ips, &addrs);
@@ -302,7 +315,7 @@ impl NodeAgent {
                 list(&me.internal_ips)
             ));
         }
-        found
+        Ok(found)
     }
 
     /// On: the uplink programs first (so the flows the stack carries out
@@ -310,7 +323,7 @@ impl NodeAgent {
     /// Off, or no uplink found: the CIDRs cleared first (`from_pod` stops
     /// sending to the uplink), then the programs detached. Kernel routing
     /// carries the traffic either way, so errors are reported, not fatal.
-    fn start_fast_path(&mut self, uplink: Option<u32>, report: &mut SyncReport) {
+    fn start_fast_path(&mut self, uplink: Option<u32>, report: &mut SyncReport) -> bool {
         let dp = self.datapath.clone().expect("loaded before the fast path");
         let result = match (self.cfg.fast_path, uplink) {
             (true, Some(ifindex)) => {
@@ -338,8 +351,12 @@ impl NodeAgent {
                 })
             }
         };
-        if let Err(e) = result {
-            report.errors.push(SyncError::FastPath(e));
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                report.errors.push(SyncError::FastPath(e));
+                false
+            }
         }
     }
 
@@ -366,6 +383,7 @@ impl NodeAgent {
                     true
                 }
                 Err(e) => {
+                    self.nft = None;
                     report.errors.push(SyncError::Masquerade(e));
                     false
                 }
@@ -384,7 +402,7 @@ impl NodeAgent {
                 .any(|c| Family::of_net(c) == family);
             if has_pods && !has_cluster {
                 report.warnings.push(format!(
-                    "no --cluster-cidr of {family:?}: only this node's pod CIDRs count as inside the cluster"
+                    "no {family} --cluster-cidr: only this node's {family} pod CIDRs count as inside the cluster"
                 ));
             }
         }
@@ -421,8 +439,9 @@ impl NodeAgent {
                 true
             }
             Err(e) => {
-                // Unknown state: rebuild next time.
+                // Unknown state: rebuild next time, on a fresh socket.
                 self.masquerade = None;
+                self.nft = None;
                 report.errors.push(SyncError::Masquerade(e));
                 false
             }
