@@ -473,6 +473,61 @@ mod tests {
         assert!(parse(&["--metrics-port", "http"], &[]).is_err());
     }
 
+    /// deploy/daemonset.yaml runs the agent: every argument it passes must
+    /// parse, and every environment variable it sets must be one the agent
+    /// reads (a typo there would silently fall back to a default).
+    #[test]
+    fn the_daemonset_speaks_the_agents_flags() {
+        let manifest = include_str!("../../deploy/daemonset.yaml");
+        let mut args = Vec::new();
+        let mut in_args = false;
+        for line in manifest.lines() {
+            let t = line.trim();
+            if t == "args:" {
+                in_args = true;
+                continue;
+            }
+            if in_args {
+                match t.strip_prefix("- ") {
+                    Some(a) => args.push(a.trim_matches('"').to_string()),
+                    None => in_args = false,
+                }
+            }
+        }
+        assert_eq!(args.first().map(String::as_str), Some("run"));
+        let env_names: Vec<&str> = manifest
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- name: "))
+            .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        assert!(env_names.contains(&"NODE_NAME"));
+        for name in &env_names {
+            assert!(
+                SETTINGS.iter().any(|s| s.env == *name),
+                "the DaemonSet sets {name}, which the agent does not read"
+            );
+        }
+        let values: HashMap<&str, &str> = [
+            ("NODE_NAME", "node-1"),
+            ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16,fd00:10:244::/56"),
+            ("FERRITE_MTU", "1500"),
+            ("FERRITE_MASQUERADE", "true"),
+            ("FERRITE_FAST_PATH", "true"),
+            ("FERRITE_METRICS_PORT", "9965"),
+        ]
+        .into();
+        let args: Vec<String> = args[1..].to_vec();
+        let c = Config::parse(&args, &|k| {
+            env_names
+                .contains(&k)
+                .then(|| values.get(k).map(|v| v.to_string()))
+                .flatten()
+        })
+        .unwrap();
+        c.check_for_run().unwrap();
+        assert_eq!(c.cluster_cidrs.len(), 2);
+    }
+
     #[test]
     fn an_empty_plugin_source_installs_nothing() {
         let c = parse(&["--plugin-source="], &[]).unwrap();
