@@ -493,6 +493,16 @@ fn a_peer_index_from_another_namespace_is_not_mistaken_for_ours() {
         Some(host_index)
     );
     refused(&node, &target, "a peer index of another namespace");
+    // Also when the node's namespace has an id for the pod's, as it has
+    // for every namespace one of its veths leads into.
+    node.ns
+        .exec(&format!("ip netns set {} 4242", target.name))
+        .unwrap();
+    refused(
+        &node,
+        &target,
+        "a peer index of another namespace, with an id",
+    );
     assert_eq!(link(&node.ns, &veth), Some((host_index, false)));
     hold.release();
     assert!(link(&node.ns, &veth).is_none(), "its reaper removed it");
