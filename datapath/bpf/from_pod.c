@@ -17,9 +17,6 @@
 #include "lib/remote.h"
 #include "lib/stats.h"
 
-#define IP_MF 0x2000
-#define IP_OFFSET 0x1fff
-
 /* linux/if_arp.h needs libc headers; this is the Ethernet/IPv4 ARP body. */
 #define ARPHRD_ETHER 1
 
@@ -174,6 +171,21 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb)
 				   old_word, new_word, sizeof(new_word));
 }
 
+/*
+ * What the parser says of a packet whose source checked out: a drop
+ * reason, TC_ACT_OK for the stack, or FLOW_GO_ON towards a fast path.
+ * Every fragment of a datagram goes to the stack, which reassembles, and so
+ * does what ferrite does not route by flow.
+ */
+#define FLOW_GO_ON 1
+
+static __always_inline int parsed_verdict(int kind)
+{
+	if (kind == FLOW_MALFORMED)
+		return DROP_MALFORMED;
+	return flow_is_routable(kind) ? FLOW_GO_ON : TC_ACT_OK;
+}
+
 static __always_inline int handle_ipv4(struct __sk_buff *skb,
 				       struct endpoint_stats *st, __u32 ifindex)
 {
@@ -183,29 +195,21 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 	struct iphdr *ip = (void *)(eth + 1);
 	struct flow_key key;
 	struct endpoint *dst;
-	__u32 hlen;
+	union v6addr saddr;
 	int ret;
 
 	if ((void *)(ip + 1) > data_end)
 		return DROP_MALFORMED;
-	hlen = (ip->ihl & 0xf) * 4;
-	if (ip->version != 4 || hlen < sizeof(*ip))
+	if (ip->version != 4 || (ip->ihl & 0xf) < 5)
 		return DROP_MALFORMED;
 
-	__builtin_memset(&key, 0, sizeof(key));
-	v4_mapped(&key.saddr, ip->saddr);
-	v4_mapped(&key.daddr, ip->daddr);
-	key.proto = ip->protocol;
-
-	ret = check_source(&key.saddr, eth->h_source, ifindex);
+	v4_mapped(&saddr, ip->saddr);
+	ret = check_source(&saddr, eth->h_source, ifindex);
 	if (ret != 0)
 		return ret;
 
-	/* Fragments carry no ports to match flows on: the stack reassembles. */
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return TC_ACT_OK;
-	ret = flow_ports(&key, (void *)ip + hlen, data_end);
-	if (ret < 0)
+	ret = parsed_verdict(flow_of_ipv4(skb, &key, ETH_HLEN));
+	if (ret != FLOW_GO_ON)
 		return ret;
 
 	/* TTL 1 goes to the stack, which answers with ICMP time exceeded. */
@@ -262,6 +266,7 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	struct flow_key key;
 	struct endpoint *dst;
+	union v6addr saddr;
 	int ret;
 
 	if ((void *)(ip6 + 1) > data_end)
@@ -269,12 +274,8 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 	if (ip6->version != 6)
 		return DROP_MALFORMED;
 
-	__builtin_memset(&key, 0, sizeof(key));
-	__builtin_memcpy(&key.saddr, &ip6->saddr, sizeof(key.saddr));
-	__builtin_memcpy(&key.daddr, &ip6->daddr, sizeof(key.daddr));
-	key.proto = ip6->nexthdr;
-
-	if (is_link_local_or_unspec(&key.saddr)) {
+	__builtin_memcpy(&saddr, &ip6->saddr, sizeof(saddr));
+	if (is_link_local_or_unspec(&saddr)) {
 		/*
 		 * DAD, NDP, MLD: not one of the pod's addresses, so check
 		 * the MAC against the endpoint that owns this veth. Such
@@ -289,23 +290,23 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 		return TC_ACT_OK;
 	}
 
-	ret = check_source(&key.saddr, eth->h_source, ifindex);
+	ret = check_source(&saddr, eth->h_source, ifindex);
 	if (ret != 0)
 		return ret;
 
-	/*
-	 * Extension headers are not walked: their flows use ports 0 on both
-	 * sides; fragments go to the stack, which reassembles.
-	 */
-	if (key.proto == IPPROTO_FRAGMENT)
-		return TC_ACT_OK;
-	ret = flow_ports(&key, ip6 + 1, data_end);
-	if (ret < 0)
+	ret = parsed_verdict(flow_of_ipv6(skb, &key, ETH_HLEN));
+	if (ret != FLOW_GO_ON)
 		return ret;
-	if (key.proto == IPPROTO_ICMPV6) {
+	/* flow_of_ipv6 reads with helpers: reload the pointers it may move. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > data_end)
+		return DROP_MALFORMED;
+	if (ip6->nexthdr == IPPROTO_ICMPV6) {
 		struct icmp_echo *icmp6 = (void *)(ip6 + 1);
 
-		/* flow_ports checked the bounds; re-check for the verifier. */
 		if ((void *)(icmp6 + 1) > data_end)
 			return DROP_MALFORMED;
 		if (is_neighbour_discovery(icmp6->type))

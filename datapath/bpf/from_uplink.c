@@ -2,12 +2,18 @@
 /*
  * from_uplink: TCX ingress of the node's uplink: packets from other nodes.
  *
- * A packet for a pod on this node goes straight into it (bpf_redirect_peer,
- * or through its host veth's egress when a qdisc shapes what it receives),
- * unless its flow is one the host stack carried out (to_uplink recorded
- * it: a Service's DNAT that conntrack must undo). Everything else passes on
- * (TC_ACT_UNSPEC), untouched, to whatever else the shared uplink runs, and
- * then to the stack. Never drops.
+ * A packet another node's pod sends to a pod on this node goes straight
+ * into it (bpf_redirect_peer, or through its host veth's egress when a
+ * qdisc shapes what it receives), unless its flow is one the host stack
+ * carried out (to_uplink recorded it: a Service's DNAT that conntrack must
+ * undo). Only the cluster's pods are trusted that way: a packet from a
+ * node's own address, or from outside the cluster, takes the stack, whose
+ * firewall, reverse-path filter and conntrack then see the whole flow (a
+ * node's SYN redirected past conntrack makes the pod's SYN-ACK INVALID to
+ * kube-proxy's rules). So do fragments (all of them: conntrack gathers a
+ * datagram) and packets whose TTL runs out here. A packet claiming to come from a pod of this node is dropped and
+ * counted. Everything else passes on (TC_ACT_UNSPEC), untouched, to
+ * whatever else the shared uplink runs, and then to the stack.
  */
 #include <stddef.h>
 #include <linux/if_ether.h>
@@ -17,6 +23,7 @@
 
 #include "lib/common.h"
 #include "lib/flow.h"
+#include "lib/remote.h"
 #include "lib/stats.h"
 
 /* The IPv4 header checksum after the TTL went down by one. */
@@ -52,12 +59,39 @@ static __always_inline int hop_down_ipv6(struct __sk_buff *skb)
 	return 0;
 }
 
+/* The source address of the IPv4 or IPv6 frame at @data (already parsed). */
+static __always_inline int frame_source(union v6addr *src, void *data,
+					void *data_end)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		v4_mapped(src, ip->saddr);
+		return 0;
+	}
+	{
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		__builtin_memcpy(src, &ip6->saddr, sizeof(*src));
+		return 0;
+	}
+}
+
 SEC("classifier")
 int from_uplink(struct __sk_buff *skb)
 {
 	struct endpoint_stats *st;
 	struct endpoint *dst;
 	struct flow_key key;
+	union v6addr src;
 	struct ethhdr *eth;
 	void *data, *data_end;
 	int down;
@@ -66,14 +100,24 @@ int from_uplink(struct __sk_buff *skb)
 	if (skb->pkt_type != PACKET_HOST)
 		return TC_ACT_UNSPEC;
 	pull_headers(skb);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	if (flow_of_frame(&key, data, data_end) < 0)
+	if (!flow_is_routable(flow_of_frame(skb, &key)))
 		return TC_ACT_UNSPEC;
 	dst = bpf_map_lookup_elem(&ferrite_endpts, &key.daddr);
-	if (!dst || is_stack_flow(&key))
+	if (!dst)
 		return TC_ACT_UNSPEC;
 
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (frame_source(&src, data, data_end) < 0)
+		return TC_ACT_UNSPEC;
+	if (!is_pod_address(&src))
+		return TC_ACT_UNSPEC;
+	if (bpf_map_lookup_elem(&ferrite_endpts, &src)) {
+		count_drop(stats_of(dst->ifindex), DROP_UPLINK_SPOOF);
+		return TC_ACT_SHOT;
+	}
+	if (is_stack_flow(&key))
+		return TC_ACT_UNSPEC;
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_UNSPEC;

@@ -40,8 +40,7 @@ int to_pod(struct __sk_buff *skb)
 	}
 
 	pull_headers(skb);
-	if (flow_of_frame(&key, (void *)(long)skb->data,
-			  (void *)(long)skb->data_end) == 0)
+	if (flow_is_recordable(flow_of_frame(skb, &key)))
 		remember_reply(&key);
 	return TC_ACT_OK;
 }

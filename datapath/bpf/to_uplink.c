@@ -24,8 +24,7 @@ int to_uplink(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 	pull_headers(skb);
-	if (flow_of_frame(&key, (void *)(long)skb->data,
-			  (void *)(long)skb->data_end) < 0)
+	if (!flow_is_recordable(flow_of_frame(skb, &key)))
 		return TC_ACT_UNSPEC;
 	/* Only pods of this node: the node's own traffic is none of ours. */
 	if (!bpf_map_lookup_elem(&ferrite_endpts, &key.saddr))

@@ -24,11 +24,13 @@ pub enum DropReason {
     NoEndpoint = -135,
     /// `bpf_l3_csum_replace` failed after the TTL was decremented.
     CsumErr = -136,
+    /// A packet from the uplink claims a pod of this node as its source.
+    UplinkSpoof = -137,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         Self::SpoofedIp,
         Self::SpoofedMac,
         Self::ArpSpoof,
@@ -36,6 +38,7 @@ impl DropReason {
         Self::Malformed,
         Self::NoEndpoint,
         Self::CsumErr,
+        Self::UplinkSpoof,
     ];
 
     /// The first code (`DROP_REASON_FIRST`).
@@ -56,6 +59,7 @@ impl DropReason {
             Self::Malformed => "MALFORMED",
             Self::NoEndpoint => "NO_ENDPOINT",
             Self::CsumErr => "CSUM_ERR",
+            Self::UplinkSpoof => "UPLINK_SPOOF",
         }
     }
 

@@ -278,12 +278,18 @@ impl Datapath {
         })?)
     }
 
+    /// Loads and pins the uplink programs of this version, if they are not
+    /// yet (only the agent needs them; `attach_uplink` calls this).
+    pub fn load_uplink(&self) -> Result<(), DatapathError> {
+        Ok(load::load_and_pin_uplink(&self.version_dir)?)
+    }
+
     /// Attaches `from_uplink` at TCX ingress and `to_uplink` at TCX egress
     /// of the node's uplink `ifindex`, after whatever runs there (or in
     /// place of another version of them). Never replaces another program
     /// or touches a qdisc: the uplink is shared.
     pub fn attach_uplink(&self, ifindex: u32) -> Result<(), DatapathError> {
-        load::load_and_pin_uplink(&self.version_dir)?;
+        self.load_uplink()?;
         let from = self.program(Program::FromUplink)?;
         let to = self.program(Program::ToUplink)?;
         Ok(tcx::attach(

@@ -20,6 +20,7 @@
 #define DROP_MALFORMED -134
 #define DROP_NO_ENDPOINT -135
 #define DROP_CSUM_ERR -136
+#define DROP_UPLINK_SPOOF -137
 
 /* First code, and how many counter slots ferrite_stats reserves for drops. */
 #define DROP_REASON_FIRST DROP_SPOOFED_IP

@@ -36,18 +36,25 @@ static __always_inline int is_pod_address(const union v6addr *addr)
 static __always_inline long fib_resolve(struct __sk_buff *skb,
 					struct bpf_fib_lookup *fib)
 {
+	__u32 mtu_len = 0;
 	long rc;
 
-	/*
-	 * tot_len 0: the kernel checks the skb against the uplink's MTU itself,
-	 * GSO included.
-	 */
 	fib->tot_len = 0;
 	fib->ifindex = skb->ifindex;
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return rc;
-	return -1;
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return -1;
+	/*
+	 * The lookup checks the MTU only on success, and passes every GSO
+	 * packet whatever its segments' size: ask again, segments included,
+	 * so that what would not fit the uplink goes to the stack, which
+	 * fragments it or answers "fragmentation needed" / "packet too big"
+	 * as a router does.
+	 */
+	if (bpf_check_mtu(skb, fib->ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS) !=
+	    BPF_MTU_CHK_RET_SUCCESS)
+		return -1;
+	return rc;
 }
 
 /*

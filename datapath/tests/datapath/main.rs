@@ -6,6 +6,7 @@ mod harness;
 mod packet;
 
 mod attach;
+mod edges;
 mod load;
 mod maps;
 mod programs;

@@ -115,3 +115,53 @@ pub fn v4(ip: IpAddr) -> Ipv4Addr {
         IpAddr::V6(_) => panic!("not IPv4"),
     }
 }
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// Sets the IPv4 fragment fields (More Fragments, offset in 8-byte units)
+/// of an Ethernet frame built by `ip`, and fixes the header checksum.
+pub fn fragment_v4(mut frame: Vec<u8>, more: bool, offset: u16) -> Vec<u8> {
+    let field = (u16::from(more) << 13) | offset;
+    frame[20..22].copy_from_slice(&field.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let csum = checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+/// An 8-byte IPv6 options header (hop-by-hop or destination options) in
+/// front of `payload`, whose protocol is `next`: PadN fills it.
+pub fn ipv6_options(next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![next, 0, 1, 4, 0, 0, 0, 0];
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An IPv6 fragment header in front of `payload` (offset in 8-byte units).
+pub fn ipv6_fragment(next: u8, more: bool, offset: u16, payload: &[u8]) -> Vec<u8> {
+    let field = (offset << 3) | u16::from(more);
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&field.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0x12, 0x34]);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An ICMP or ICMPv6 error (`kind`, `code`) quoting `quoted`, an IP packet
+/// without its Ethernet header.
+pub fn icmp_error(kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut i = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    i.extend_from_slice(quoted);
+    i
+}
+
+/// An IP packet without Ethernet, by address family.
+pub fn bare_ip(src: IpAddr, dst: IpAddr, proto: u8, ttl: u8, l4: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, proto, ttl, l4),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, proto, ttl, l4),
+        _ => panic!("mixed families"),
+    }
+}

@@ -19,19 +19,19 @@ const CLUSTER_CIDR6: &str = "fd00:91::/48";
 /// 172.31.0.2) on one link, each routing the other's pod CIDR via it (the
 /// routes the agent programs), both forwarding. Dual stack adds
 /// fd00:91:0:1::/64 and fd00:91:0:2::/64 behind fd00:31::1 and fd00:31::2.
-struct Cluster {
-    n1: Node,
-    n2: Node,
-    up1: String,
-    up2: String,
+pub(crate) struct Cluster {
+    pub(crate) n1: Node,
+    pub(crate) n2: Node,
+    pub(crate) up1: String,
+    pub(crate) up2: String,
 }
 
 impl Cluster {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with(false)
     }
 
-    fn dual_stack() -> Self {
+    pub(crate) fn dual_stack() -> Self {
         Self::with(true)
     }
 
@@ -80,7 +80,7 @@ impl Cluster {
         Self { n1, n2, up1, up2 }
     }
 
-    fn fast_path(&self, on: bool) {
+    pub(crate) fn fast_path(&self, on: bool) {
         for (node, up) in [(&self.n1, &self.up1), (&self.n2, &self.up2)] {
             let root = node.bpffs.path.join("ferrite");
             let root = root.to_str().unwrap();

@@ -4,6 +4,7 @@
 mod chaining;
 mod cni;
 mod crossnode;
+mod edges;
 mod harness;
 mod ipv6;
 mod node;
