@@ -123,7 +123,10 @@ struct Attachment<'a> {
 
 impl<'a> Attachment<'a> {
     fn add(node: &'a Node, ns: &'a Netns) -> Self {
-        let id = unique("r");
+        Self::add_as(node, ns, unique("r"))
+    }
+
+    fn add_as(node: &'a Node, ns: &'a Netns, id: String) -> Self {
         let inv = node
             .invoke(
                 "ADD",
@@ -304,6 +307,29 @@ fn add_right_after_del_in_the_same_netns_replaces_the_retired_veth() {
         log.contains(&format!("is the retired {old_veth}")),
         "the log says what ADD removed"
     );
+}
+
+/// podman's disconnect and connect: DEL, then ADD of the same container
+/// (so the same host veth name) while the old veth waits for its reaper.
+#[test]
+fn add_of_the_same_container_right_after_its_del() {
+    if !privileged("add_of_the_same_container_right_after_its_del") {
+        return;
+    }
+    let node = Node::new("10.96.0.0/24").unwrap();
+    let shared = Netns::new("sh").unwrap();
+    let hold = ReaperHold::new();
+    let mut old = Attachment::add(&node, &shared);
+    let veth = old.host_veth();
+    let (old_index, _) = retire_held(&node, &mut old, &hold);
+    let again = Attachment::add_as(&node, &shared, old.id.clone());
+    assert_eq!(again.host_veth(), veth, "the same name");
+    let (index, up) = link(&node.ns, &veth).unwrap();
+    assert!(up && index != old_index, "a new veth under the old name");
+    again.check();
+    hold.release();
+    again.check();
+    assert_eq!(link(&node.ns, &veth), Some((index, true)));
 }
 
 /// Many quick ADD/DEL pairs into one namespace, every reaper held until the
