@@ -286,7 +286,11 @@ fn a_smaller_uplink_mtu_is_learned_not_a_black_hole() {
         "the backend learned the path MTU"
     );
     // The client's error was un-NATed: it knows the Service's path.
-    assert_eq!(learned_mtu(&a.ns, VIP.parse().unwrap()), Some(1400), "so did the client");
+    assert_eq!(
+        learned_mtu(&a.ns, VIP.parse().unwrap()),
+        Some(1400),
+        "so did the client"
+    );
 
     // IPv4 UDP to another pod: without DF the node fragments, with DF the
     // sender is told.
