@@ -1006,29 +1006,8 @@ mod tests {
     use crate::range::{Pool, RangeConfig};
     use std::collections::BTreeSet;
     use std::os::unix::fs::PermissionsExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "ferrite-ipam-store-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::create_dir_all(&path).unwrap();
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use ferrite_test_support::TempDir;
 
     fn pool() -> Pool {
         let cfg = |s: &str| RangeConfig {
@@ -1258,7 +1237,7 @@ mod tests {
 
     #[test]
     fn network_names_cannot_escape() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("store").unwrap();
         for bad in [
             "",
             ".",
@@ -1272,22 +1251,22 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    Store::open(&dir.0, bad),
+                    Store::open(dir.path(), bad),
                     Err(StoreError::InvalidName { .. })
                 ),
                 "{bad:?}"
             );
         }
         for good in ["k8s-pod-network", "net_1.v2", &"x".repeat(64)] {
-            Store::open(&dir.0, good).unwrap();
+            Store::open(dir.path(), good).unwrap();
         }
     }
 
     #[test]
     fn open_creates_private_directory_and_missing_file_is_empty() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
-        assert_eq!(store.dir(), dir.0.join("ipam/net"));
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
+        assert_eq!(store.dir(), dir.join("ipam/net"));
         let mode = fs::metadata(store.dir()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         assert_eq!(store.read().unwrap(), State::new());
@@ -1298,8 +1277,8 @@ mod tests {
 
     #[test]
     fn commit_persists_and_drop_discards() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let pool = pool();
         let a = Owner::new("aaa", "eth0");
         {
@@ -1318,7 +1297,7 @@ mod tests {
                 .unwrap();
             // dropped without commit
         }
-        let state = Store::open(&dir.0, "net").unwrap().read().unwrap();
+        let state = Store::open(dir.path(), "net").unwrap().read().unwrap();
         assert_eq!(state.owned_by(&a), vec![ip("10.244.1.1"), ip("fd00::1")]);
         assert_eq!(state.records().count(), 2);
         assert_eq!(state.last_reserved(0), Some(ip("10.244.1.1")));
@@ -1336,8 +1315,8 @@ mod tests {
 
     #[test]
     fn commit_writes_only_what_changed_and_reuses_slots() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let pool = pool();
         for n in 0..100 {
             let mut locked = store.lock().unwrap();
@@ -1393,8 +1372,8 @@ mod tests {
 
     #[test]
     fn long_owners_take_several_slots_within_a_page() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let pool = pool();
         let owner = |n: usize| {
             let id = format!("{n:0>width$}", width = 40 + 150 * (n % 7));
@@ -1431,8 +1410,8 @@ mod tests {
         // (writes to allow, what the commit does)
         for budget in 0..8 {
             for churn in [false, true] {
-                let dir = TempDir::new();
-                let store = Store::open(&dir.0, "net").unwrap();
+                let dir = TempDir::new("store").unwrap();
+                let store = Store::open(dir.path(), "net").unwrap();
                 for n in 0..5 {
                     let mut locked = store.lock().unwrap();
                     locked.state().allocate(&pool, &pod(n), &[]).unwrap();
@@ -1489,8 +1468,8 @@ mod tests {
 
     #[test]
     fn a_failed_commit_is_retried_from_what_the_file_holds() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let pool = pool();
         let mut locked = store.lock().unwrap();
         locked.state().allocate(&pool, &pod(0), &[]).unwrap();
@@ -1513,8 +1492,8 @@ mod tests {
     /// same lock must still be written as it is.
     #[test]
     fn a_state_restored_from_a_clone_is_committed_as_it_is() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let pool = pool();
         for n in 0..4 {
             let mut locked = store.lock().unwrap();
@@ -1538,8 +1517,8 @@ mod tests {
 
     #[test]
     fn stale_temporary_file_is_replaced() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let tmp = store.dir().join("allocations.tmp");
         fs::write(&tmp, "half a file from a killed writer").unwrap();
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
@@ -1558,8 +1537,8 @@ mod tests {
 
     #[test]
     fn v1_file_is_read_as_is_and_converted_under_the_lock() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let v1 = format!(
             "ferrite-ipam allocations v1\nlast 0 10.244.1.7\nlast 1 fd00::7\n\
              10.244.1.5 {a} eth0\n10.244.1.7 {b} eth0\nfd00::7 {b} eth0\n",
@@ -1611,8 +1590,8 @@ mod tests {
 
     #[test]
     fn corrupt_file_fails_lock_and_read() {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, "net").unwrap();
+        let dir = TempDir::new("store").unwrap();
+        let store = Store::open(dir.path(), "net").unwrap();
         let mut state = State::new();
         state.allocate(&pool(), &pod(1), &[]).unwrap();
         let mut bytes = encode(&state);
@@ -1638,8 +1617,8 @@ mod tests {
     #[test]
     fn unusable_state_dir_is_a_clear_error() {
         // A path under a regular file: fails for root too, unlike chmod.
-        let dir = TempDir::new();
-        let file = dir.0.join("not-a-dir");
+        let dir = TempDir::new("store").unwrap();
+        let file = dir.join("not-a-dir");
         fs::write(&file, "").unwrap();
         let err = Store::open(&file, "net").unwrap_err();
         assert!(matches!(
@@ -1652,7 +1631,7 @@ mod tests {
         assert!(err.to_string().contains("not-a-dir/ipam/net"), "{err}");
 
         // The directory vanishing under an open store.
-        let store = Store::open(&dir.0, "gone").unwrap();
+        let store = Store::open(dir.path(), "gone").unwrap();
         fs::remove_dir_all(store.dir()).unwrap();
         let err = store.lock().unwrap_err();
         assert!(
