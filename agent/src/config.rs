@@ -99,7 +99,7 @@ const SETTINGS: &[Setting] = &[
     Setting {
         flag: "--plugin-source",
         env: "FERRITE_PLUGIN_SOURCE",
-        help: "the CNI binary, or a directory with it (and portmap); empty: none [/opt/ferrite/bin/ferrite]",
+        help: "the CNI binary, or a directory with it (and portmap, loopback); empty: none [/opt/ferrite/bin/ferrite]",
     },
     Setting {
         flag: "--cni-bin-dir",

@@ -3,11 +3,11 @@
 //!
 //! `--plugin-source` is the ferrite binary itself, or a directory holding it
 //! (the image's /opt/ferrite/bin). ferrite is always installed (and replaced
-//! when it differs). A directory may also hold the reference plugins the
-//! conflist chains (`portmap`): those are installed only where the node has
-//! none, since a node's own plugins are not ferrite's to replace, and every
-//! one installed is recorded in `<state-dir>/agent-installed` first, so
-//! uninstall removes exactly those.
+//! when it differs). A directory may also hold reference plugins the node
+//! needs beside ferrite (`portmap`, `loopback`): those are installed only
+//! where the node has none, since a node's own plugins are not ferrite's to
+//! replace, and every one installed is recorded in
+//! `<state-dir>/agent-installed` first, so uninstall removes exactly those.
 
 use std::fs;
 use std::io;
@@ -16,8 +16,12 @@ use std::path::PathBuf;
 use crate::config::Config;
 use crate::files::{self, FileError};
 
-/// Plugins the conflist chains after ferrite.
-pub const COMPANIONS: &[&str] = &["portmap"];
+/// Plugins a node needs beside ferrite: `portmap`, which the conflist
+/// chains after ferrite for hostPorts, and `loopback`, which containerd
+/// 1.6's CRI runs from the CNI bin directory to bring up every sandbox's
+/// `lo` (without it, on a node with an empty /opt/cni/bin, no pod starts:
+/// "failed to find plugin loopback").
+pub const COMPANIONS: &[&str] = &["portmap", "loopback"];
 
 /// The record of companions the agent installed.
 pub fn record_path(cfg: &Config) -> PathBuf {
@@ -124,6 +128,7 @@ mod tests {
         fs::create_dir_all(&src).unwrap();
         fs::write(src.join("ferrite"), b"ferrite").unwrap();
         fs::write(src.join("portmap"), b"portmap of the image").unwrap();
+        fs::write(src.join("loopback"), b"loopback of the image").unwrap();
         src
     }
 
@@ -145,24 +150,30 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_source_adds_a_missing_portmap_and_records_it() {
+    fn a_directory_source_adds_missing_companions_and_records_them() {
         let d = Dir::new("dir").unwrap();
         let cfg = config(&d, image(&d));
         let done = install(&cfg).unwrap();
         assert!(done.plugin);
-        assert_eq!(done.companions, ["portmap"]);
+        assert_eq!(done.companions, ["portmap", "loopback"]);
         assert_eq!(
             fs::read(cfg.cni_bin_dir.join("portmap")).unwrap(),
             b"portmap of the image"
         );
-        assert_eq!(recorded(&cfg).unwrap(), ["portmap"]);
+        assert_eq!(
+            fs::read(cfg.cni_bin_dir.join("loopback")).unwrap(),
+            b"loopback of the image"
+        );
+        assert_eq!(recorded(&cfg).unwrap(), ["portmap", "loopback"]);
         // Again: nothing to do.
         assert_eq!(install(&cfg).unwrap(), Installed::default());
         // A new image brings a new portmap: it is ours, so it is updated.
         fs::write(cfg.plugin_source.join("portmap"), b"portmap v2").unwrap();
         assert_eq!(install(&cfg).unwrap().companions, ["portmap"]);
-        assert_eq!(remove_companions(&cfg).unwrap(), ["portmap"]);
+        assert_eq!(remove_companions(&cfg).unwrap(), ["portmap", "loopback"]);
         assert!(!cfg.cni_bin_dir.join("portmap").exists());
+        assert!(!cfg.cni_bin_dir.join("loopback").exists());
+        assert!(cfg.plugin_path().exists(), "uninstall of companions only");
         assert!(!record_path(&cfg).exists());
     }
 
@@ -173,13 +184,50 @@ mod tests {
         fs::create_dir_all(&cfg.cni_bin_dir).unwrap();
         fs::write(cfg.cni_bin_dir.join("portmap"), b"the node's portmap").unwrap();
         let done = install(&cfg).unwrap();
-        assert!(done.plugin && done.companions.is_empty());
+        assert!(done.plugin);
+        assert_eq!(done.companions, ["loopback"]);
         assert_eq!(
             fs::read(cfg.cni_bin_dir.join("portmap")).unwrap(),
             b"the node's portmap"
         );
-        assert!(remove_companions(&cfg).unwrap().is_empty());
+        assert_eq!(recorded(&cfg).unwrap(), ["loopback"]);
+        assert_eq!(remove_companions(&cfg).unwrap(), ["loopback"]);
         assert!(cfg.cni_bin_dir.join("portmap").exists());
+        assert!(!cfg.cni_bin_dir.join("loopback").exists());
+    }
+
+    /// A node with CNI plugins of its own (containerd's CRI runs its
+    /// `loopback` for every sandbox) keeps them, byte for byte, through
+    /// install, a new image and uninstall.
+    #[test]
+    fn the_nodes_own_loopback_is_left_alone() {
+        let d = Dir::new("ownlo").unwrap();
+        let cfg = config(&d, image(&d));
+        fs::create_dir_all(&cfg.cni_bin_dir).unwrap();
+        fs::write(cfg.cni_bin_dir.join("loopback"), b"the node's loopback").unwrap();
+        let done = install(&cfg).unwrap();
+        assert!(done.plugin);
+        assert_eq!(done.companions, ["portmap"]);
+        assert_eq!(recorded(&cfg).unwrap(), ["portmap"]);
+        fs::write(cfg.plugin_source.join("loopback"), b"loopback v2").unwrap();
+        assert_eq!(install(&cfg).unwrap(), Installed::default());
+        assert_eq!(remove_companions(&cfg).unwrap(), ["portmap"]);
+        assert_eq!(
+            fs::read(cfg.cni_bin_dir.join("loopback")).unwrap(),
+            b"the node's loopback"
+        );
+    }
+
+    /// An image without loopback (an older one) still installs portmap.
+    #[test]
+    fn a_companion_missing_from_the_image_is_skipped() {
+        let d = Dir::new("nolo").unwrap();
+        let src = image(&d);
+        fs::remove_file(src.join("loopback")).unwrap();
+        let cfg = config(&d, src);
+        assert_eq!(install(&cfg).unwrap().companions, ["portmap"]);
+        assert!(!cfg.cni_bin_dir.join("loopback").exists());
+        assert_eq!(recorded(&cfg).unwrap(), ["portmap"]);
     }
 
     #[test]

@@ -83,20 +83,13 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     }
     let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
         .map_err(|e| pod::kernel_error("cannot open netlink in the pod namespace", &e))?;
-    // The interface must not exist yet.
-    if pod_nl
+    // The interface must not exist yet, unless it is ferrite's own from an
+    // earlier container of this namespace, waiting for its reaper.
+    if let Some(existing) = pod_nl
         .link_get(&env.ifname)
         .map_err(|e| pod::kernel_error("cannot look up the pod interface", &e))?
-        .is_some()
     {
-        return Err(CniError::new(
-            Code::InterfaceExists,
-            format!(
-                "interface {} already exists in {}",
-                env.ifname,
-                netns_path.display()
-            ),
-        ));
+        reclaim_retired(conf, env, &dp, &mut host_nl, &mut pod_nl, &netns, &existing)?;
     }
     mark("pod namespace open");
 
@@ -118,6 +111,82 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
             }
             Err(err)
         }
+    }
+}
+
+/// ADD found `existing` under the pod's interface name. A runtime that
+/// reuses a network namespace (podman's disconnect and connect, a new
+/// container in a kept sandbox) can ADD right after a DEL, while the
+/// reaper is still deleting the old veth: when `existing` is ferrite's own
+/// veth of this network, retired (its host side down, no endpoint entry
+/// pointing at it), it is removed here. Anything else is refused with 104
+/// and left as it is.
+fn reclaim_retired(
+    conf: &NetConf,
+    env: &CniEnv,
+    dp: &Datapath,
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    netns: &std::fs::File,
+    existing: &crate::netlink::Link,
+) -> CniResult<()> {
+    let exists = |why: &str| {
+        let netns_path = env.netns.as_deref().unwrap_or(Path::new(""));
+        CniError::new(
+            Code::InterfaceExists,
+            format!(
+                "interface {} already exists in {}",
+                env.ifname,
+                netns_path.display()
+            ),
+        )
+        .with_details(why)
+    };
+    let group = naming::host_veth_group(&conf.name);
+    let alias = naming::host_veth_alias(&conf.name);
+    let host = match pod::occupant(host_nl, netns, existing, group, &alias)? {
+        pod::Occupant::Retired(host) => host,
+        pod::Occupant::Foreign(why) => return Err(exists(&why)),
+        pod::Occupant::PeerGone => {
+            // A reaper unlists both ends of the pair in one step: once the
+            // host end is gone, the pod end is gone too, or is about to be.
+            return match pod_nl.link_get(&env.ifname) {
+                Ok(Some(again)) if again.index == existing.index => {
+                    Err(exists("its peer is not in the node's namespace"))
+                }
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err(exists("it was replaced while ADD looked at it")),
+                Err(e) => Err(pod::kernel_error("cannot look up the pod interface", &e)),
+            };
+        }
+    };
+    let live = dp
+        .endpoints()
+        .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
+        .iter()
+        .any(|(_, ep)| ep.ifindex == host.index);
+    if live {
+        return Err(exists("an endpoint entry still points at its peer"));
+    }
+    log::info!(
+        "{} in {} is the retired {} of an earlier container: removing it",
+        env.ifname,
+        env.netns.as_deref().unwrap_or(Path::new("")).display(),
+        host.name
+    );
+    dp.forget_interface(host.index)
+        .map_err(|e| datapath_error("cannot clear a retired endpoint", &e))?;
+    match host_nl.link_del(host.index) {
+        Ok(()) => {}
+        // Its reaper was quicker.
+        Err(e) if e.errno() == Some(libc::ENODEV) => {}
+        Err(e) => return Err(pod::kernel_error("cannot remove a retired host veth", &e)),
+    }
+    // The pair goes as one, so the name is free now.
+    match pod_nl.link_get(&env.ifname) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(exists("it is still there after its peer was removed")),
+        Err(e) => Err(pod::kernel_error("cannot look up the pod interface", &e)),
     }
 }
 

@@ -2,6 +2,8 @@
 //! the plugin reaches, the process kills itself with SIGKILL there, exactly
 //! as `kill -9` would, leaving whatever it had done half done. Runtimes
 //! never set the variable; reading it costs one environment lookup.
+//!
+//! FERRITE_REAPER_HOLD=<file> holds the reaper instead (see `reaper_hold`).
 
 use std::sync::OnceLock;
 
@@ -28,5 +30,31 @@ pub fn hit(point: &str) {
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+}
+
+/// FERRITE_REAPER_HOLD=<file>: the reaper (the detached child that deletes
+/// the veths DEL and GC retired) appends its pid to `<file>` and, before
+/// deleting anything, waits until `<file>` is gone (at most a minute). A
+/// test can then see DEL return while the veth still exists, as it does on
+/// a busy node, and tell when the reaper is done. Read only in the reaper
+/// child; runtimes never set it.
+pub fn reaper_hold() {
+    let Some(path) = std::env::var_os("FERRITE_REAPER_HOLD") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    let noted = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("{}\n", std::process::id()).as_bytes())
+        });
+    if noted.is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }

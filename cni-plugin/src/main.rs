@@ -82,7 +82,8 @@ Invoked by a container runtime with CNI_COMMAND set, it speaks CNI
   ferrite stats [--bpffs-root D]           per-endpoint counters from the pinned maps
   ferrite repair --conf FILE               load the datapath if needed and move every running pod
                                            of the network in FILE (a conflist or plugin config) onto it
-  ferrite failpoints                       crash-test points (FERRITE_FAILPOINT=<point>)
+  ferrite failpoints                       crash-test points (FERRITE_FAILPOINT=<point>);
+                                           FERRITE_REAPER_HOLD=<file> holds DEL's reaper
   ferrite allocations --network N [--state-dir D]
                                            addresses the built-in IPAM holds: ip, container, ifname
 ";

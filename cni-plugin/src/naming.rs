@@ -31,6 +31,15 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("fer{:012x}", h >> 16)
 }
 
+/// Is `name` shaped like `host_veth_name`'s names?
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 15
+        && name.starts_with("fer")
+        && name[3..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The alias ADD puts on a host veth, for people reading `ip link`; CHECK
 /// and repair also expect it. (The endpoint map entry, written last, is
 /// what marks a pod complete.)
@@ -90,6 +99,16 @@ mod tests {
         assert!(a.starts_with("fer"));
         assert_ne!(a, host_veth_name("c0ffee", "eth1"));
         assert_ne!(a, host_veth_name("c0ffe", "eeth0"));
+        assert!(is_host_veth_name(&a));
+        for other in [
+            "fer0123456789a",
+            "fer0123456789abc",
+            "fer0123456789aB",
+            "eth0",
+            "vethabcdef012345",
+        ] {
+            assert!(!is_host_veth_name(other), "{other}");
+        }
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub struct Link {
     pub alias: Option<String>,
     pub group: u32,
     pub kind: Option<String>,
+    /// IFLA_LINK: a veth's peer ifindex, in the namespace `peer_netnsid`
+    /// names (or this one when that is absent).
+    pub peer_index: Option<u32>,
+    /// IFLA_LINK_NETNSID: the peer's namespace, as this one numbers it.
+    pub peer_netnsid: Option<i32>,
 }
 
 /// A route as CHECK compares it.
@@ -305,7 +310,17 @@ impl Netlink {
     pub fn link_get(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        let what = format!("link show {name}");
+        self.link_get_one(format!("link show {name}"), msg)
+    }
+
+    /// `ip link show <index>`; `Ok(None)` when there is no such link.
+    pub fn link_get_index(&mut self, index: u32) -> Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.link_get_one(format!("link show {index}"), msg)
+    }
+
+    fn link_get_one(&mut self, what: String, msg: LinkMessage) -> Result<Option<Link>> {
         let seq = self.send(RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST)?;
         loop {
             let n = self.recv(&what)?;
@@ -335,6 +350,39 @@ impl Netlink {
                     detail: "unexpected reply".into(),
                 }),
             };
+        }
+    }
+
+    /// `ip netns list-id` for one namespace: the id this socket's namespace
+    /// gives the namespace `netns` (what IFLA_LINK_NETNSID of a link whose
+    /// peer lives there says), or `None` when it has given it none.
+    pub fn netns_id(&mut self, netns: BorrowedFd<'_>) -> Result<Option<i32>> {
+        use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+        let mut msg = NsidMessage::default();
+        msg.attributes
+            .push(NsidAttribute::Fd(netns.as_raw_fd() as u32));
+        let what = "netns id";
+        let seq = self.send(RouteNetlinkMessage::GetNsId(msg), NLM_F_REQUEST)?;
+        loop {
+            for payload in self.recv_messages(what, seq)? {
+                match payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                        let id = m.attributes.iter().find_map(|a| match a {
+                            NsidAttribute::Id(id) => Some(*id),
+                            _ => None,
+                        });
+                        // -1: NETNSA_NSID_NOT_ASSIGNED.
+                        return Ok(id.filter(|id| *id >= 0));
+                    }
+                    NetlinkPayload::Error(err) => {
+                        return match err.code {
+                            Some(code) => Err(kernel_errno(what, code.get())),
+                            None => Ok(None),
+                        };
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -581,6 +629,8 @@ impl Link {
             alias: None,
             group: 0,
             kind: None,
+            peer_index: None,
+            peer_netnsid: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -589,6 +639,9 @@ impl Link {
                 LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(a),
                 LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
                 LinkAttribute::Group(g) => link.group = *g,
+                // 0 is "no link", as the kernel reports a device without one.
+                LinkAttribute::Link(i) if *i != 0 => link.peer_index = Some(*i),
+                LinkAttribute::LinkNetNsId(id) => link.peer_netnsid = Some(*id),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {

@@ -288,6 +288,74 @@ pub fn find_host_veth(nl: &mut Netlink, name: &str, group: u32) -> CniResult<Opt
     }
 }
 
+/// Whose is the interface ADD finds under the pod's `CNI_IFNAME`?
+#[derive(Debug)]
+pub enum Occupant {
+    /// ferrite's own, of an earlier container of this namespace: a veth
+    /// whose peer is this host veth, named like ferrite's, in this
+    /// network's device group and down (retired by a DEL whose reaper has
+    /// not finished, or never brought up by a killed ADD). Whether an
+    /// endpoint entry still points at it is for the caller to ask.
+    Retired(Link),
+    /// Its peer is not in the node's namespace any more: a reaper may be
+    /// deleting the pair right now.
+    PeerGone,
+    /// Anything else, with the reason; not ferrite's to touch.
+    Foreign(String),
+}
+
+/// Identifies the pod interface `pod_link` (looked up in `netns`) from
+/// the host side. Only ever reads.
+pub fn occupant(
+    host_nl: &mut Netlink,
+    netns: &File,
+    pod_link: &Link,
+    group: u32,
+    alias: &str,
+) -> CniResult<Occupant> {
+    let foreign = |why: &str| Ok(Occupant::Foreign(why.to_string()));
+    if pod_link.kind.as_deref() != Some("veth") {
+        return foreign("it is not a veth");
+    }
+    let Some(peer_index) = pod_link.peer_index else {
+        return foreign("it has no peer");
+    };
+    // The pod's view of the peer's namespace cannot be compared with ours
+    // directly; the host veth's view of the pod's namespace can.
+    let Some(host) = host_nl
+        .link_get_index(peer_index)
+        .map_err(|e| kernel_error("cannot look up the pod interface's peer", &e))?
+    else {
+        return Ok(Occupant::PeerGone);
+    };
+    if host.kind.as_deref() != Some("veth") || !naming::is_host_veth_name(&host.name) {
+        return foreign("its peer is not one of ferrite's veths");
+    }
+    if host.group != group {
+        return foreign("its peer is not in this network's device group");
+    }
+    if host.alias.as_deref().is_some_and(|a| a != alias) {
+        return foreign("its peer carries another alias");
+    }
+    if host.up {
+        return foreign("its peer is up");
+    }
+    // The host veth must point back at this very interface in this very
+    // namespace: an index alone could name a link of any namespace. Asked
+    // after the link lookup, which gave the pod's namespace its id if it
+    // had none.
+    let pod_nsid = host_nl
+        .netns_id(netns.as_fd())
+        .map_err(|e| kernel_error("cannot get the pod namespace's id", &e))?;
+    if host.peer_index != Some(pod_link.index)
+        || pod_nsid.is_none()
+        || host.peer_netnsid != pod_nsid
+    {
+        return foreign("its peer's peer is another interface");
+    }
+    Ok(Occupant::Retired(host))
+}
+
 /// Takes a host veth out of service at once: down, which also removes
 /// every route through it and stops the pod's traffic, so its addresses can
 /// be handed out again immediately.
@@ -323,6 +391,7 @@ pub fn reap(mut nl: Netlink, links: Vec<Link>) {
                     libc::dup2(null, 2);
                 }
             }
+            crate::failpoint::reaper_hold();
             for l in &links {
                 if let Err(e) = nl.link_del(l.index) {
                     if e.errno() != Some(libc::ENODEV) {

@@ -188,6 +188,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
     std::fs::create_dir_all(dirs.join("src")).unwrap();
     std::fs::write(dirs.join("src/ferrite"), b"plugin").unwrap();
     std::fs::write(dirs.join("src/portmap"), b"portmap").unwrap();
+    std::fs::write(dirs.join("src/loopback"), b"loopback").unwrap();
 
     // The Node exists but has no pod CIDR yet.
     let api = FakeApi::start(
@@ -220,7 +221,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
             "127.0.0.1:9965",
             "--bpffs-root",
             bpffs.join("ferrite").to_str().unwrap(),
-            // The image's layout: a directory with ferrite and portmap.
+            // The image's layout: a directory with ferrite, portmap and loopback.
             "--plugin-source",
             dirs.join("src").to_str().unwrap(),
             "--state-dir",
@@ -296,6 +297,12 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
     assert!(dirs.join("net.d/10-ferrite.conflist").exists());
     assert_eq!(std::fs::read(dirs.join("bin/ferrite")).unwrap(), b"plugin");
     assert_eq!(std::fs::read(dirs.join("bin/portmap")).unwrap(), b"portmap");
+    // A node with no CNI plugins of its own gets the loopback containerd's
+    // CRI runs for every sandbox.
+    assert_eq!(
+        std::fs::read(dirs.join("bin/loopback")).unwrap(),
+        b"loopback"
+    );
     assert_eq!(
         ns.routes(RTPROT_FERRITE_NODES).unwrap(),
         ["10.244.2.0/24 via 192.0.2.2 dev up0"]
@@ -343,6 +350,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
     assert!(!dirs.join("net.d/10-ferrite.conflist").exists());
     assert!(!dirs.join("bin/ferrite").exists());
     assert!(!dirs.join("bin/portmap").exists());
+    assert!(!dirs.join("bin/loopback").exists());
     assert!(ns.routes(RTPROT_FERRITE_NODES).unwrap().is_empty());
     assert!(ns.exec("nft list table inet ferrite").is_err());
     assert!(!bpffs.join("ferrite").exists());

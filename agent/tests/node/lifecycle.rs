@@ -78,6 +78,7 @@ impl Node {
         std::fs::create_dir_all(dirs.join("src")).unwrap();
         std::fs::write(dirs.join("src/ferrite"), b"\x7fELF the plugin").unwrap();
         std::fs::write(dirs.join("src/portmap"), b"\x7fELF the image's portmap").unwrap();
+        std::fs::write(dirs.join("src/loopback"), b"\x7fELF the image's loopback").unwrap();
         Node {
             ns,
             bpffs: TempDir::bpffs("lcb").unwrap(),
@@ -136,7 +137,7 @@ fn bootstrap_restart_node_changes_and_uninstall() {
         return;
     }
     let n = Node::new();
-    // The image's layout: a directory with ferrite and portmap.
+    // The image's layout: a directory with ferrite, portmap and loopback.
     let cfg = Config {
         plugin_source: n.dirs.join("src"),
         ..n.config()
@@ -190,6 +191,15 @@ fn bootstrap_restart_node_changes_and_uninstall() {
     assert_eq!(
         std::fs::read(cfg.plugin_path()).unwrap(),
         b"\x7fELF the plugin"
+    );
+    assert_eq!(
+        std::fs::read(cfg.cni_bin_dir.join("loopback")).unwrap(),
+        b"\x7fELF the image's loopback",
+        "the loopback the node lacked"
+    );
+    assert_eq!(
+        std::fs::read(cfg.cni_bin_dir.join("portmap")).unwrap(),
+        b"other"
     );
     assert!(cfg
         .bpffs_root
@@ -311,7 +321,9 @@ fn bootstrap_restart_node_changes_and_uninstall() {
         b"other",
         "the node's own portmap"
     );
-    assert!(report.companions.is_empty());
+    // Only the loopback the node lacked, which the agent installed.
+    assert_eq!(report.companions, ["loopback"]);
+    assert!(!cfg.cni_bin_dir.join("loopback").exists());
     assert!(n.ns.exec("nft list table inet other").is_ok());
     let all = n.ns.exec("ip route show table all").unwrap();
     assert!(

@@ -248,7 +248,7 @@ fn round_trip(
     let veth = chain.host_veth();
     chain.del().unwrap_or_else(|e| panic!("{kind}: {e:#}"));
     assert!(
-        !node.links().unwrap().contains(&veth),
+        !node.links_settled().unwrap().contains(&veth),
         "{kind}: the host veth outlived DEL"
     );
     assert!(

@@ -400,9 +400,10 @@ fn the_uplink_trusts_only_the_clusters_pods() {
         endpoint_counters(&c.n2.stats().unwrap(), b.ip()),
         endpoint_counters(&s2, b.ip()),
     );
+    // Columns: from_pod, from_bytes, redirected, redir_bytes, redir_in, via_stack.
     assert!(
-        bd[4] > 50 && bd[5] < 5,
-        "the pod's traffic came in by redirect: {bd:?}"
+        bd[4] >= 10 && bd[5] * 10 <= bd[4],
+        "the pod's traffic came in by redirect, not through the stack: {bd:?}"
     );
 
     // Node 1 sends from node 2's pod b2's address.

@@ -9,6 +9,7 @@ mod harness;
 mod ipv6;
 mod node;
 mod reliability;
+mod reuse;
 mod security;
 mod traffic;
 mod upgrade;
