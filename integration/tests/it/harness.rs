@@ -286,7 +286,7 @@ impl Node {
     pub fn allocations(&self) -> Vec<String> {
         let out = Command::new(ferrite_bin())
             .args(["allocations", "--network", &self.name, "--state-dir"])
-            .arg(&self.state.path())
+            .arg(self.state.path())
             .output()
             .expect("ferrite allocations");
         assert!(
