@@ -138,31 +138,12 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(tag: &str) -> Self {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!(
-                "ferrite-agent-files-{}-{tag}-{n}",
-                std::process::id()
-            ));
-            fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use ferrite_test_support::TempDir as Dir;
 
     #[test]
     fn writes_once_then_only_on_change() {
-        let d = Dir::new("once");
-        let p = d.0.join("net.d/10-ferrite.conflist");
+        let d = Dir::new("once").unwrap();
+        let p = d.join("net.d/10-ferrite.conflist");
         assert!(write_if_changed(&p, b"one\n", 0o644).unwrap());
         let ino = fs::metadata(&p).unwrap().ino();
         assert!(!write_if_changed(&p, b"one\n", 0o644).unwrap());
@@ -179,8 +160,8 @@ mod tests {
 
     #[test]
     fn a_wrong_mode_is_rewritten() {
-        let d = Dir::new("mode");
-        let p = d.0.join("ferrite");
+        let d = Dir::new("mode").unwrap();
+        let p = d.join("ferrite");
         fs::write(&p, b"bin").unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(write_if_changed(&p, b"bin", 0o755).unwrap());
@@ -189,10 +170,10 @@ mod tests {
 
     #[test]
     fn leaves_no_temporary_file_and_none_a_runtime_would_load() {
-        let d = Dir::new("tmp");
-        let p = d.0.join("10-ferrite.conflist");
+        let d = Dir::new("tmp").unwrap();
+        let p = d.join("10-ferrite.conflist");
         write_if_changed(&p, b"{}", 0o644).unwrap();
-        let names: Vec<String> = fs::read_dir(&d.0)
+        let names: Vec<String> = fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
@@ -208,8 +189,8 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_the_old_file() {
-        let d = Dir::new("fail");
-        let p = d.0.join("f");
+        let d = Dir::new("fail").unwrap();
+        let p = d.join("f");
         write_if_changed(&p, b"old", 0o644).unwrap();
         // A directory where the temporary file would go makes create fail.
         fs::create_dir(temp_path(&p)).unwrap();
@@ -220,16 +201,16 @@ mod tests {
 
     #[test]
     fn installs_a_binary_only_when_it_differs() {
-        let d = Dir::new("bin");
-        let src = d.0.join("src");
+        let d = Dir::new("bin").unwrap();
+        let src = d.join("src");
         fs::write(&src, b"\x7fELF v1").unwrap();
-        let dest = d.0.join("bin/ferrite");
+        let dest = d.join("bin/ferrite");
         assert!(install_binary(&src, &dest).unwrap());
         assert!(!install_binary(&src, &dest).unwrap());
         assert_eq!(fs::metadata(&dest).unwrap().mode() & 0o7777, 0o755);
         fs::write(&src, b"\x7fELF v2").unwrap();
         assert!(install_binary(&src, &dest).unwrap());
-        assert!(install_binary(&d.0.join("missing"), &dest).is_err());
+        assert!(install_binary(&d.join("missing"), &dest).is_err());
         assert!(remove_if_present(&dest).unwrap());
         assert!(!remove_if_present(&dest).unwrap());
     }

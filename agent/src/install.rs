@@ -112,38 +112,19 @@ pub fn remove_companions(cfg: &Config) -> Result<Vec<String>, FileError> {
 mod tests {
     use super::*;
 
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(tag: &str) -> Self {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!(
-                "ferrite-agent-install-{}-{tag}-{n}",
-                std::process::id()
-            ));
-            fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use ferrite_test_support::TempDir as Dir;
 
     fn config(d: &Dir, source: PathBuf) -> Config {
         Config {
             plugin_source: source,
-            cni_bin_dir: d.0.join("bin"),
-            state_dir: d.0.join("state"),
+            cni_bin_dir: d.join("bin"),
+            state_dir: d.join("state"),
             ..Config::default()
         }
     }
 
     fn image(d: &Dir) -> PathBuf {
-        let src = d.0.join("image");
+        let src = d.join("image");
         fs::create_dir_all(&src).unwrap();
         fs::write(src.join("ferrite"), b"ferrite").unwrap();
         fs::write(src.join("portmap"), b"portmap of the image").unwrap();
@@ -153,8 +134,8 @@ mod tests {
 
     #[test]
     fn a_file_source_installs_only_ferrite() {
-        let d = Dir::new("file");
-        let src = d.0.join("ferrite-bin");
+        let d = Dir::new("file").unwrap();
+        let src = d.join("ferrite-bin");
         fs::write(&src, b"ferrite").unwrap();
         let cfg = config(&d, src);
         assert_eq!(
@@ -170,7 +151,7 @@ mod tests {
 
     #[test]
     fn a_directory_source_adds_missing_companions_and_records_them() {
-        let d = Dir::new("dir");
+        let d = Dir::new("dir").unwrap();
         let cfg = config(&d, image(&d));
         let done = install(&cfg).unwrap();
         assert!(done.plugin);
@@ -198,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_nodes_own_portmap_is_left_alone() {
-        let d = Dir::new("own");
+        let d = Dir::new("own").unwrap();
         let cfg = config(&d, image(&d));
         fs::create_dir_all(&cfg.cni_bin_dir).unwrap();
         fs::write(cfg.cni_bin_dir.join("portmap"), b"the node's portmap").unwrap();
@@ -220,7 +201,7 @@ mod tests {
     /// install, a new image and uninstall.
     #[test]
     fn the_nodes_own_loopback_is_left_alone() {
-        let d = Dir::new("ownlo");
+        let d = Dir::new("ownlo").unwrap();
         let cfg = config(&d, image(&d));
         fs::create_dir_all(&cfg.cni_bin_dir).unwrap();
         fs::write(cfg.cni_bin_dir.join("loopback"), b"the node's loopback").unwrap();
@@ -240,7 +221,7 @@ mod tests {
     /// An image without loopback (an older one) still installs portmap.
     #[test]
     fn a_companion_missing_from_the_image_is_skipped() {
-        let d = Dir::new("nolo");
+        let d = Dir::new("nolo").unwrap();
         let src = image(&d);
         fs::remove_file(src.join("loopback")).unwrap();
         let cfg = config(&d, src);
@@ -251,7 +232,7 @@ mod tests {
 
     #[test]
     fn the_record_names_only_plain_files() {
-        let d = Dir::new("rec");
+        let d = Dir::new("rec").unwrap();
         let cfg = config(&d, PathBuf::new());
         fs::create_dir_all(&cfg.state_dir).unwrap();
         fs::write(record_path(&cfg), "portmap\n../../etc/passwd\n..\n\n").unwrap();

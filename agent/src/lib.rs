@@ -18,4 +18,5 @@ pub mod nft;
 pub mod node;
 pub mod routes;
 pub mod sync;
+pub mod uninstall;
 pub mod watch;

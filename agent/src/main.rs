@@ -142,7 +142,7 @@ fn uninstall(cfg: &Config) -> Result<ExitCode> {
     let pins = PinnedDatapath {
         root: cfg.bpffs_root.clone(),
     };
-    let report = sync::uninstall(cfg, &mut fast_path, &pins);
+    let report = ferrite_agent::uninstall::uninstall(cfg, &mut fast_path, &pins);
     log::info!(
         "uninstall: conflist {}, plugin {}, {} routes, masquerade table {}, {} uplink programs, datapath versions {:?}",
         if report.conflist { "removed" } else { "absent" },

@@ -21,7 +21,7 @@
 use crate::config::Bandwidth;
 use crate::error::{CniError, CniResult, Code};
 use crate::netlink::Netlink;
-use crate::pod;
+use crate::veth;
 
 /// containerd's CRI (like kubelet's old CNI code) sends this burst, in bits,
 /// meaning "not set": a 512 MiB bucket would let the first half gigabyte of
@@ -159,17 +159,17 @@ pub fn apply(
     if let Some(tbf) = &limits.ingress {
         host_nl
             .qdisc_add_root(host_index, TBF_HANDLE, "tbf", tbf.options())
-            .map_err(|e| pod::kernel_error("cannot shape traffic to the pod", &e))?;
+            .map_err(|e| veth::kernel_error("cannot shape traffic to the pod", &e))?;
     }
     if let Some(tbf) = &limits.egress {
         let pod_index = pod_nl
             .link_get(pod_ifname)
-            .map_err(|e| pod::kernel_error("cannot look up the pod interface", &e))?
+            .map_err(|e| veth::kernel_error("cannot look up the pod interface", &e))?
             .ok_or_else(|| CniError::new(Code::Kernel, format!("{pod_ifname} vanished")))?
             .index;
         pod_nl
             .qdisc_add_root(pod_index, TBF_HANDLE, "tbf", tbf.options())
-            .map_err(|e| pod::kernel_error("cannot shape traffic from the pod", &e))?;
+            .map_err(|e| veth::kernel_error("cannot shape traffic from the pod", &e))?;
     }
     Ok(())
 }

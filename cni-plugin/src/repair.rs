@@ -21,7 +21,7 @@ use crate::config::NetConf;
 use crate::error::{CniError, CniResult, Code};
 use crate::naming;
 use crate::netlink::Netlink;
-use crate::pod;
+use crate::veth;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -58,7 +58,7 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
     let mut found = Vec::new();
     for ((cid, ifname), ips) in pods {
         let name = naming::host_veth_name(&cid, &ifname);
-        let link = match pod::find_host_veth(nl, &name, group)? {
+        let link = match veth::find_host_veth(nl, &name, group)? {
             Some(l) if l.up && l.alias.as_deref() == Some(alias.as_str()) => l,
             _ => {
                 report.skipped += ips.len();
@@ -68,7 +68,7 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
         // The pod's MAC is in the permanent neighbour entry ADD made.
         let neigh = nl
             .neigh_list(link.index)
-            .map_err(|e| pod::kernel_error("cannot list the host veth's neighbours", &e))?;
+            .map_err(|e| veth::kernel_error("cannot list the host veth's neighbours", &e))?;
         let Some(pod_mac) = neigh
             .iter()
             .find(|n| ips.contains(&n.destination) && n.permanent)
@@ -80,7 +80,7 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
         // Shaping, ferrite's or a chained plugin's, is in the qdiscs.
         let qdiscs = nl
             .qdiscs(link.index)
-            .map_err(|e| pod::kernel_error("cannot read the host veth's qdiscs", &e))?;
+            .map_err(|e| veth::kernel_error("cannot read the host veth's qdiscs", &e))?;
         let mut flags = 0;
         if qdiscs.iter().any(|(root, kind)| *root && kind == "tbf") {
             flags |= ENDPOINT_F_SHAPED;
@@ -140,7 +140,7 @@ pub fn prune(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Vec<S
     let mut in_use = Vec::new();
     let links = nl
         .link_list()
-        .map_err(|e| pod::kernel_error("cannot list links", &e))?;
+        .map_err(|e| veth::kernel_error("cannot list links", &e))?;
     for l in links.iter().filter(|l| l.name.starts_with("fer")) {
         in_use.extend(
             Datapath::attached_program_ids(l.index)

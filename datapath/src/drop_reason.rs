@@ -1,66 +1,15 @@
-//! Why a program dropped a packet: mirrors `bpf/lib/drop_reasons.h`.
+//! Why a program dropped a packet: generated from `bpf/lib/drop_reasons.h`.
 
 use std::fmt;
 
-/// Counter slots reserved for drops in each stats entry (`DROP_REASON_SLOTS`).
-pub const DROP_REASON_SLOTS: usize = 16;
-
-/// A drop reason, with the code the C side uses (`DROP_*` in
-/// `bpf/lib/drop_reasons.h`). Codes are below every `TC_ACT_*` verdict.
-#[repr(i32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// The source IP is not an endpoint behind this veth.
-    SpoofedIp = -130,
-    /// The source MAC is not the pod's.
-    SpoofedMac = -131,
-    /// An ARP sender (IP or MAC) is not the pod's own.
-    ArpSpoof = -132,
-    /// Neither ARP, IPv4 nor IPv6.
-    UnsupportedL3 = -133,
-    /// A header is truncated or invalid.
-    Malformed = -134,
-    /// Link-local traffic from a veth with no endpoint.
-    NoEndpoint = -135,
-    /// `bpf_l3_csum_replace` failed after the TTL was decremented.
-    CsumErr = -136,
-    /// A packet from the uplink claims a pod of this node as its source.
-    UplinkSpoof = -137,
-}
+// `DROP_REASON_SLOTS`, the enum, `ALL`, `FIRST_CODE` and `name()`, generated
+// by build.rs from the header so the two cannot disagree.
+include!(concat!(env!("OUT_DIR"), "/drop_reason.rs"));
 
 impl DropReason {
-    /// Every reason, in code order.
-    pub const ALL: [DropReason; 8] = [
-        Self::SpoofedIp,
-        Self::SpoofedMac,
-        Self::ArpSpoof,
-        Self::UnsupportedL3,
-        Self::Malformed,
-        Self::NoEndpoint,
-        Self::CsumErr,
-        Self::UplinkSpoof,
-    ];
-
-    /// The first code (`DROP_REASON_FIRST`).
-    pub const FIRST_CODE: i32 = -130;
-
     /// The numeric code, as the C header defines it.
     pub const fn code(self) -> i32 {
         self as i32
-    }
-
-    /// The name used in the C header, without `DROP_` (e.g. `SPOOFED_IP`).
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::SpoofedIp => "SPOOFED_IP",
-            Self::SpoofedMac => "SPOOFED_MAC",
-            Self::ArpSpoof => "ARP_SPOOF",
-            Self::UnsupportedL3 => "UNSUPPORTED_L3",
-            Self::Malformed => "MALFORMED",
-            Self::NoEndpoint => "NO_ENDPOINT",
-            Self::CsumErr => "CSUM_ERR",
-            Self::UplinkSpoof => "UPLINK_SPOOF",
-        }
     }
 
     /// Index into the stats entry's drop counters (`DROP_SLOT()`).
@@ -95,7 +44,8 @@ mod tests {
 
     const HEADER: &str = include_str!("../bpf/lib/drop_reasons.h");
 
-    /// `#define DROP_<NAME> <int>` lines of the header.
+    /// `#define DROP_<NAME> <int>` lines of the header, read independently
+    /// of the generator in build.rs.
     fn header_defines() -> Vec<(String, i64)> {
         HEADER
             .lines()
@@ -112,7 +62,7 @@ mod tests {
     }
 
     #[test]
-    fn mirrors_c_header() {
+    fn generated_enum_has_every_reason_of_the_header_in_order() {
         let defines = header_defines();
         let reasons: Vec<(String, i64)> = defines
             .iter()
@@ -126,6 +76,22 @@ mod tests {
         assert_eq!(reasons, ours);
         assert!(defines.contains(&("REASON_SLOTS".to_owned(), DROP_REASON_SLOTS as i64)));
         assert!(HEADER.contains("#define DROP_REASON_FIRST DROP_SPOOFED_IP"));
+    }
+
+    #[test]
+    fn generated_enum_slots_and_names() {
+        // Slots are the counters' indices in ferrite_stats: ALL lists the
+        // reasons slot by slot, codes counting down from FIRST_CODE.
+        for (i, r) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.slot(), i, "{r}");
+            assert_eq!(r.code(), DropReason::FIRST_CODE - i as i32, "{r}");
+            assert_eq!(format!("{r:?}").to_uppercase(), r.name().replace('_', ""));
+        }
+        assert_eq!(DropReason::FIRST_CODE, -130);
+        assert_eq!(DropReason::SpoofedIp.code(), -130);
+        assert_eq!(DropReason::UnsupportedL3.name(), "UNSUPPORTED_L3");
+        assert_eq!(DropReason::UplinkSpoof.code(), -137);
+        assert_eq!(DropReason::UplinkSpoof.slot(), 7);
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,26 +19,7 @@ const CHILD_ID: &str = "FERRITE_IPAM_TEST_CHILD_ID";
 const CHILD_MODE: &str = "FERRITE_IPAM_TEST_CHILD_MODE";
 const NETWORK: &str = "test-net";
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "ferrite-ipam-concurrency-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use ferrite_test_support::TempDir;
 
 fn cfg(subnet: &str) -> RangeConfig {
     RangeConfig {
@@ -87,12 +67,12 @@ fn assert_exact(state_dir: &Path, pool: &Pool, owners: &[Owner], handed_out: &[V
 fn threads_with_their_own_store_never_share_an_address() {
     const THREADS: usize = 8;
     const EACH: usize = 30;
-    let dir = TempDir::new();
+    let dir = TempDir::new("concurrency").unwrap();
     let pool = dual_stack();
     let results: Vec<Vec<(Owner, Vec<IpAddr>)>> = thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (dir, pool) = (&dir.0, &pool);
+                let (dir, pool) = (dir.path(), &pool);
                 s.spawn(move || {
                     (0..EACH)
                         .map(|i| {
@@ -108,9 +88,9 @@ fn threads_with_their_own_store_never_share_an_address() {
     });
     let (owners, ips): (Vec<Owner>, Vec<Vec<IpAddr>>) = results.into_iter().flatten().unzip();
     assert_eq!(owners.len(), THREADS * EACH);
-    assert_exact(&dir.0, &pool, &owners, &ips);
+    assert_exact(dir.path(), &pool, &owners, &ips);
     // Round robin with no releases hands out the first N of each set.
-    let free = Store::open(&dir.0, NETWORK)
+    let free = Store::open(dir.path(), NETWORK)
         .unwrap()
         .read()
         .unwrap()
@@ -118,8 +98,11 @@ fn threads_with_their_own_store_never_share_an_address() {
     assert_eq!(free, vec![510 - 240, (1u128 << 64) - 1 - 240]);
 }
 
-/// Child side of the multi-process tests; a no-op in a normal run.
+/// Child side of the multi-process tests, which run it in a re-executed
+/// test binary (`--ignored --exact child_process`). Ignored in a normal
+/// run, so it never counts as a passing test.
 #[test]
+#[ignore = "not a test: the child process of the multi-process tests"]
 fn child_process() {
     let (Ok(dir), Ok(id), Ok(mode)) = (
         std::env::var(CHILD_DIR),
@@ -168,7 +151,13 @@ fn child_process() {
 
 fn spawn_child(dir: &Path, id: usize, mode: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process", "--test-threads=1", "--quiet"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child_process",
+            "--test-threads=1",
+            "--quiet",
+        ])
         .env(CHILD_DIR, dir)
         .env(CHILD_ID, id.to_string())
         .env(CHILD_MODE, mode)
@@ -180,14 +169,14 @@ fn spawn_child(dir: &Path, id: usize, mode: &str) -> std::process::Child {
 #[test]
 fn processes_never_share_an_address() {
     const PROCS: usize = 6;
-    let dir = TempDir::new();
+    let dir = TempDir::new("concurrency").unwrap();
     let children: Vec<_> = (0..PROCS)
-        .map(|id| spawn_child(&dir.0, id, "allocate"))
+        .map(|id| spawn_child(dir.path(), id, "allocate"))
         .collect();
     for mut child in children {
         assert!(child.wait().unwrap().success());
     }
-    let state = Store::open(&dir.0, NETWORK).unwrap().read().unwrap();
+    let state = Store::open(dir.path(), NETWORK).unwrap().read().unwrap();
     let pool = dual_stack();
     let mut owners = Vec::new();
     let mut ips = Vec::new();
@@ -199,7 +188,7 @@ fn processes_never_share_an_address() {
         }
     }
     assert!(ips.iter().all(|v| v.len() == 2));
-    assert_exact(&dir.0, &pool, &owners, &ips);
+    assert_exact(dir.path(), &pool, &owners, &ips);
 }
 
 /// After writers were killed: the file parses, no address has two owners
@@ -261,11 +250,13 @@ fn child_and_index(owner: &Owner, prefix: &str) -> (usize, usize) {
 
 #[test]
 fn sigkill_at_any_instant_leaves_a_consistent_file() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("concurrency").unwrap();
     let pool = dual_stack();
     let mut repaired = 0;
     for round in 0..15u64 {
-        let mut children: Vec<_> = (0..3).map(|id| spawn_child(&dir.0, id, "churn")).collect();
+        let mut children: Vec<_> = (0..3)
+            .map(|id| spawn_child(dir.path(), id, "churn"))
+            .collect();
         thread::sleep(Duration::from_millis(20 + (round * 7) % 40));
         for child in &mut children {
             child.kill().unwrap(); // SIGKILL
@@ -273,7 +264,7 @@ fn sigkill_at_any_instant_leaves_a_consistent_file() {
         }
         // A churn child's commit reserves pod i and releases pod i - 20:
         // killed half way, those two may hold one address each.
-        repaired += assert_converges(&dir.0, &pool, |owner, all| {
+        repaired += assert_converges(dir.path(), &pool, |owner, all| {
             let (id, i) = child_and_index(owner, "churn");
             let newest = all
                 .keys()
@@ -285,9 +276,9 @@ fn sigkill_at_any_instant_leaves_a_consistent_file() {
         });
         // A fresh ADD still works after the kills.
         let owner = Owner::new(format!("after-kill-{round}"), "eth0");
-        assert_eq!(add(&dir.0, &pool, &owner).len(), 2);
+        assert_eq!(add(dir.path(), &pool, &owner).len(), 2);
         // Start the next round empty (GC with nothing valid).
-        let store = Store::open(&dir.0, NETWORK).unwrap();
+        let store = Store::open(dir.path(), NETWORK).unwrap();
         let mut locked = store.lock().unwrap();
         locked.state().retain(|_| false);
         locked.commit().unwrap();
@@ -301,26 +292,26 @@ fn sigkill_at_any_instant_leaves_a_consistent_file() {
 /// the address it already had.
 #[test]
 fn sigkill_during_dual_stack_allocation_converges_after_retry() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("concurrency").unwrap();
     let pool = big_dual_stack();
     let mut repaired = 0;
     for round in 0..25u64 {
         let mut children: Vec<_> = (0..2)
-            .map(|id| spawn_child(&dir.0, id, "add-forever"))
+            .map(|id| spawn_child(dir.path(), id, "add-forever"))
             .collect();
         thread::sleep(Duration::from_millis(15 + (round * 11) % 50));
         for child in &mut children {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
         }
-        repaired += assert_converges(&dir.0, &pool, |owner, all| {
+        repaired += assert_converges(dir.path(), &pool, |owner, all| {
             // Only the newest pod of its child.
             let (id, i) = child_and_index(owner, "kill");
             all.keys()
                 .filter(|o| child_and_index(o, "kill").0 == id)
                 .all(|o| child_and_index(o, "kill").1 <= i)
         });
-        let store = Store::open(&dir.0, NETWORK).unwrap();
+        let store = Store::open(dir.path(), NETWORK).unwrap();
         let mut locked = store.lock().unwrap();
         locked.state().retain(|_| false);
         locked.commit().unwrap();
@@ -344,8 +335,8 @@ fn median_p95(samples: &mut [Duration]) -> (Duration, Duration) {
 fn timing_of_add_and_del_by_records_held() {
     let big = Pool::from_config(&[vec![cfg("10.0.0.0/16")], vec![cfg("fd00::/64")]]).unwrap();
     for pods in [0usize, 50, 500, 1000] {
-        let dir = TempDir::new();
-        let store = Store::open(&dir.0, NETWORK).unwrap();
+        let dir = TempDir::new("concurrency").unwrap();
+        let store = Store::open(dir.path(), NETWORK).unwrap();
         // Fill one pod per commit, as the plugin would, so the file looks
         // like one grown by real ADDs.
         for i in 0..pods {

@@ -237,6 +237,15 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
         .map(|s| s.to_string())
         .collect()
     };
+    // The agent's log (stderr), appended to by every start.
+    let log = dirs.join("agent.log");
+    let log_file = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap()
+    };
     let start = || {
         Agent(
             Command::new("nsenter")
@@ -247,7 +256,7 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
                 .env_remove("KUBECONFIG")
                 .env_remove("NODE_NAME")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log_file())
                 .spawn()
                 .unwrap(),
         )
@@ -264,7 +273,15 @@ fn the_binary_bootstraps_from_the_api_follows_the_watch_and_uninstalls() {
             .iter()
             .any(|r| r.contains("watch=true"))
     });
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        "the agent to wait for its pod CIDR",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("waiting: Node a has no podCIDRs yet")
+        },
+    );
     let readyz = http_get(&ns, metrics, "/readyz").unwrap();
     assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
     assert!(!dirs.join("net.d/10-ferrite.conflist").exists());

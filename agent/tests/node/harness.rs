@@ -6,49 +6,16 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// False (with the reason printed) when the test cannot run here; under
-/// CI=true a skip is a failure.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("SKIP {test}: needs root");
-    false
-}
+pub use ferrite_test_support::{privileged, sh, TempDir};
 
 /// A short name no other test of this or a concurrent run uses.
 pub fn unique(tag: &str) -> String {
-    format!(
-        "fa{}{tag}{}",
-        std::process::id() % 100_000,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Runs `cmd` with sh; its stdout, or an error with both outputs.
-pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    ferrite_test_support::unique("fa", tag)
 }
 
 /// A named network namespace, deleted on drop.
@@ -170,44 +137,6 @@ impl Listener {
 pub fn connect_from(ns: &Netns, addr: SocketAddr) -> Result<()> {
     ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(drop))?
         .with_context(|| format!("connecting from {} to {addr}", ns.name))
-}
-
-/// A temporary directory, removed on drop (after unmounting it).
-pub struct TempDir {
-    pub path: PathBuf,
-    mounted: bool,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(unique(tag));
-        std::fs::create_dir_all(&path)?;
-        Ok(Self {
-            path,
-            mounted: false,
-        })
-    }
-
-    /// A private bpffs instance on a fresh directory.
-    pub fn bpffs(tag: &str) -> Result<Self> {
-        let mut d = Self::new(tag)?;
-        sh(&format!("mount -t bpf bpf {}", d.path.display()))?;
-        d.mounted = true;
-        Ok(d)
-    }
-
-    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.path.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.path).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 /// A veth pair between two namespaces with the given addresses

@@ -12,7 +12,8 @@ use ferrite_agent::fastpath::{EbpfFastPath, FastPath, FastPathError, PinnedDatap
 use ferrite_agent::metrics::AgentState;
 use ferrite_agent::node::NodeInfo;
 use ferrite_agent::routes::RTPROT_FERRITE_NODES;
-use ferrite_agent::sync::{self, NodeAgent, Snapshot};
+use ferrite_agent::sync::{NodeAgent, Snapshot};
+use ferrite_agent::uninstall;
 use ferrite_datapath::{Datapath, DATAPATH_VERSION};
 use ipnetwork::IpNetwork;
 
@@ -302,7 +303,7 @@ fn bootstrap_restart_node_changes_and_uninstall() {
         root: cfg.bpffs_root.clone(),
     };
     let report =
-        n.ns.run(|| sync::uninstall(&cfg, &mut fast, &pins))
+        n.ns.run(|| uninstall::uninstall(&cfg, &mut fast, &pins))
             .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(report.conflist && report.plugin && report.masquerade_table);
@@ -336,7 +337,7 @@ fn bootstrap_restart_node_changes_and_uninstall() {
 
     // Uninstalling again finds nothing and fails on nothing.
     let again =
-        n.ns.run(|| sync::uninstall(&cfg, &mut fast, &pins))
+        n.ns.run(|| uninstall::uninstall(&cfg, &mut fast, &pins))
             .unwrap();
     assert!(again.errors.is_empty(), "{:?}", again.errors);
     assert!(!again.conflist && !again.plugin && !again.masquerade_table);
@@ -381,7 +382,7 @@ fn masquerade_off_removes_the_table_and_fast_path_off_detaches() {
         root: cfg.bpffs_root.clone(),
     };
     let report =
-        n.ns.run(|| sync::uninstall(&cfg, &mut Recorder::default(), &pins))
+        n.ns.run(|| uninstall::uninstall(&cfg, &mut Recorder::default(), &pins))
             .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
@@ -430,7 +431,7 @@ fn loading_the_datapath_under_a_running_node_asks_the_plugin_to_repair() {
         root: cfg.bpffs_root.clone(),
     };
     let report =
-        n.ns.run(|| sync::uninstall(&cfg, &mut Recorder::default(), &pins))
+        n.ns.run(|| uninstall::uninstall(&cfg, &mut Recorder::default(), &pins))
             .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
@@ -509,7 +510,7 @@ fn the_ebpf_fast_path_goes_on_the_uplink_and_comes_off_again() {
         root: cfg.bpffs_root.clone(),
     };
     let report =
-        n.ns.run(|| sync::uninstall(&cfg, &mut EbpfFastPath, &pins))
+        n.ns.run(|| uninstall::uninstall(&cfg, &mut EbpfFastPath, &pins))
             .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.detached_programs, 2);

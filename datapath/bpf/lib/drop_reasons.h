@@ -7,19 +7,29 @@
  * a verdict or one of these, and the entry program turns a reason into
  * TC_ACT_SHOT plus a per-reason counter in ferrite_stats.
  *
- * One "#define DROP_<NAME> <code>" per line: the Rust DropReason enum mirrors
- * this list and a test parses this file to check that they agree.
+ * The Rust DropReason enum is generated from this file (datapath/build.rs):
+ * one "#define DROP_<NAME> <code>" per line, codes consecutive from
+ * DROP_REASON_FIRST down, each after a one-line comment that becomes the
+ * variant's documentation.
  */
 #ifndef FERRITE_DROP_REASONS_H
 #define FERRITE_DROP_REASONS_H
 
+/* The source IP is not an endpoint behind this veth. */
 #define DROP_SPOOFED_IP -130
+/* The source MAC is not the pod's. */
 #define DROP_SPOOFED_MAC -131
+/* An ARP sender (IP or MAC) is not the pod's own. */
 #define DROP_ARP_SPOOF -132
+/* Neither ARP, IPv4 nor IPv6. */
 #define DROP_UNSUPPORTED_L3 -133
+/* A header is truncated or invalid. */
 #define DROP_MALFORMED -134
+/* Link-local traffic from a veth with no endpoint. */
 #define DROP_NO_ENDPOINT -135
+/* `bpf_l3_csum_replace` failed after the TTL was decremented. */
 #define DROP_CSUM_ERR -136
+/* A packet from the uplink claims a pod of this node as its source. */
 #define DROP_UPLINK_SPOOF -137
 
 /* First code, and how many counter slots ferrite_stats reserves for drops. */

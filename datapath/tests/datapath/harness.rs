@@ -1,81 +1,24 @@
 //! Guards and helpers: a private bpffs per test, a private netns per test
 //! (on its own thread), pods with addresses and MACs.
 
-use std::{
-    ffi::CString,
-    net::IpAddr,
-    os::unix::ffi::OsStrExt,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::{net::IpAddr, path::PathBuf};
 
 use ferrite_datapath::{Datapath, Endpoint, LoadOutcome};
 
-/// Whether privileged tests can run; under CI=true a skip is a failure.
-pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("skipping {test}: needs root (bpffs mount, BPF_PROG_LOAD, netns)");
-    false
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A unique name for a test's resources.
-pub fn unique(test: &str) -> String {
-    format!(
-        "ferrite-dp-{test}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use ferrite_test_support::{privileged, TempDir};
 
 /// A private bpf filesystem mounted on a fresh directory; unmounted and
 /// removed on drop.
-pub struct Bpffs {
-    dir: PathBuf,
-}
+pub struct Bpffs(TempDir);
 
 impl Bpffs {
     pub fn mount(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique(test));
-        std::fs::create_dir(&dir).expect("mkdir bpffs mountpoint");
-        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: NUL-terminated strings, no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            let _ = std::fs::remove_dir(&dir);
-            panic!("mount -t bpf bpf {}: {e}", dir.display());
-        }
-        Self { dir }
+        Self(TempDir::bpffs(test).unwrap_or_else(|e| panic!("{test}: {e}")))
     }
 
     /// The root ferrite is given: a not-yet-existing directory in the mount.
     pub fn root(&self) -> PathBuf {
-        self.dir.join("ferrite")
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let target = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
-        // SAFETY: NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir(&self.dir);
+        self.0.join("ferrite")
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use ferrite_datapath::{AttachMode, Datapath, DatapathError, LoadOutcome, DATAPATH_VERSION};
 
-use crate::harness::{in_netns, privileged, unique, Bpffs, Pod};
+use crate::harness::{in_netns, privileged, Bpffs, Pod, TempDir};
 
 #[test]
 fn second_open_or_load_opens_the_pins() {
@@ -110,7 +110,8 @@ fn stale_work_directories_are_removed() {
 #[test]
 fn root_outside_bpffs_is_refused() {
     // statfs only: no privilege needed.
-    let dir = std::env::temp_dir().join(unique("notbpffs"));
+    let tmp = TempDir::new("notbpffs").unwrap();
+    let dir = tmp.join("absent");
     let result = Datapath::open_or_load(&dir.join("ferrite"));
     assert!(
         matches!(result, Err(DatapathError::NotBpffs { .. })),

@@ -215,12 +215,20 @@ impl Drop for Chain<'_> {
     }
 }
 
-/// ADD, CHECK, traffic, DEL of ferrite + one plugin; returns the final result.
-fn round_trip(node: &Node, ferrite_extra: Value, plugin: Value, runtime: Value) -> Value {
+/// ADD, CHECK, traffic, DEL of ferrite + one plugin; returns the final
+/// result. `applied` checks, after ADD, that the plugin did what it was asked.
+fn round_trip(
+    node: &Node,
+    ferrite_extra: Value,
+    plugin: Value,
+    runtime: Value,
+    applied: impl FnOnce(&Chain),
+) -> Value {
     let kind = plugin["type"].as_str().unwrap().to_string();
     let mut chain = Chain::new(node, ferrite_extra, vec![plugin], runtime).unwrap();
     let result = chain.add().unwrap().clone();
     chain.check().unwrap_or_else(|e| panic!("{kind}: {e:#}"));
+    applied(&chain);
     // The pod still works: the node (with an address of its own, as every
     // node has) reaches it through its veth.
     node.ns.exec("ip addr replace 192.0.2.1/32 dev lo").unwrap();
@@ -261,6 +269,13 @@ fn chain_portmap() {
         json!({}),
         json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
         json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}),
+        |_| {
+            let nat = node.ns.exec("iptables-save -t nat").unwrap();
+            assert!(
+                nat.contains("--dport 18080"),
+                "portmap added no rule:\n{nat}"
+            );
+        },
     );
     assert!(result["interfaces"].as_array().unwrap().len() >= 2);
     // DEL took portmap's per-container chain with it.
@@ -279,6 +294,11 @@ fn chain_tuning() {
         json!({}),
         json!({"type": "tuning", "sysctl": {"net.core.somaxconn": "512"}}),
         json!({}),
+        |chain| {
+            // The kernel's default is 4096: 512 is tuning's doing.
+            let value = chain.ns.exec("sysctl -n net.core.somaxconn").unwrap();
+            assert_eq!(value.trim(), "512", "tuning's sysctl was not applied");
+        },
     );
 }
 
@@ -293,6 +313,14 @@ fn chain_firewall() {
         json!({}),
         json!({"type": "firewall", "backend": "iptables"}),
         json!({}),
+        |chain| {
+            let filter = node.ns.exec("iptables-save -t filter").unwrap();
+            let ip = chain.ip().to_string();
+            assert!(
+                filter.contains(&ip),
+                "firewall added no rule for {ip}:\n{filter}"
+            );
+        },
     );
     let filter = node.ns.exec("iptables-save -t filter").unwrap();
     assert!(
@@ -316,6 +344,14 @@ fn chain_bandwidth_ingress() {
         json!({}),
         json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
         json!({"bandwidth": {"ingressRate": 50_000_000u64, "ingressBurst": 1_000_000u64}}),
+        |chain| {
+            let veth = chain.host_veth();
+            let qdiscs = node.ns.exec(&format!("tc qdisc show dev {veth}")).unwrap();
+            assert!(
+                qdiscs.contains("qdisc tbf") && qdiscs.contains("rate 50Mbit"),
+                "no 50 Mbit/s TBF on {veth}:\n{qdiscs}"
+            );
+        },
     );
 }
 

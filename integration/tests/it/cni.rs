@@ -101,7 +101,7 @@ fn stdout_carries_only_the_result() {
     let mut de = serde_json::Deserializer::from_str(&inv.stdout).into_iter::<Value>();
     assert!(de.next().unwrap().is_ok());
     assert!(de.next().is_none(), "extra output: {:?}", inv.stdout);
-    let log = std::fs::read_to_string(node.state.path.join("cni.log")).unwrap();
+    let log = std::fs::read_to_string(node.state.path().join("cni.log")).unwrap();
     assert!(log.contains("ADD") && log.contains(&id), "{log}");
     let del = node
         .invoke(
@@ -325,7 +325,7 @@ fn status_reports_missing_bpffs() {
     let node = Node::new("10.58.0.0/24").unwrap();
     let plain = TempDir::new("nobpf").unwrap();
     let mut c = node.conf("1.1.0");
-    c["bpffsRoot"] = json!(plain.path.join("ferrite"));
+    c["bpffsRoot"] = json!(plain.path().join("ferrite"));
     let st = node.invoke("STATUS", "", None, "", &c, &[]).unwrap();
     assert_eq!(st.code(), 50);
     // And ADD refuses with the datapath error, leaving nothing behind.
@@ -503,7 +503,7 @@ fn delegated_ipam_host_local() {
         "ipam": {
             "type": "host-local",
             "ranges": [[{ "subnet": "10.61.0.0/24" }]],
-            "dataDir": data.path,
+            "dataDir": data.path(),
         }
     });
     let mut a = node.add_pod("1.0.0").unwrap();
@@ -512,7 +512,7 @@ fn delegated_ipam_host_local() {
     assert!(crate::harness::tcp_echo(&a.ns, a.ip(), &b.ns, 1 << 16).unwrap() == 1 << 16);
     a.check().unwrap().expect_ok();
     a.del().unwrap().expect_ok();
-    let held = std::fs::read_dir(data.path.join(&node.name))
+    let held = std::fs::read_dir(data.path().join(&node.name))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("10.61."))

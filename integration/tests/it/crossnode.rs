@@ -82,7 +82,7 @@ impl Cluster {
 
     pub(crate) fn fast_path(&self, on: bool) {
         for (node, up) in [(&self.n1, &self.up1), (&self.n2, &self.up2)] {
-            let root = node.bpffs.path.join("ferrite");
+            let root = node.bpffs.path().join("ferrite");
             let root = root.to_str().unwrap();
             let out = if on {
                 node.ferrite(&[

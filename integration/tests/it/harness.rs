@@ -16,10 +16,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-pub use ferrite_integration::{ferrite_bin, privileged, sh};
+pub use ferrite_integration::ferrite_bin;
+pub use ferrite_test_support::{privileged, sh, TempDir};
 
 pub fn unique(tag: &str) -> String {
-    ferrite_integration::unique_with("fi", tag)
+    ferrite_test_support::unique("fi", tag)
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -84,40 +85,6 @@ impl Drop for Netns {
     }
 }
 
-/// A temporary directory, removed on drop (after any unmount).
-pub struct TempDir {
-    pub path: PathBuf,
-    mounted: bool,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(unique(tag));
-        std::fs::create_dir_all(&path)?;
-        Ok(Self {
-            path,
-            mounted: false,
-        })
-    }
-
-    /// A private bpffs instance mounted on a fresh directory.
-    pub fn bpffs(tag: &str) -> Result<Self> {
-        let mut d = Self::new(tag)?;
-        sh(&format!("mount -t bpf bpf {}", d.path.display()))?;
-        d.mounted = true;
-        Ok(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.path).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
 /// The result of one plugin invocation.
 #[derive(Debug)]
 pub struct Invocation {
@@ -179,9 +146,9 @@ impl Node {
             "type": "ferrite",
             "mtu": 1500,
             "ipam": { "ranges": [[{ "subnet": self.subnet }]] },
-            "bpffsRoot": self.bpffs.path.join("ferrite"),
-            "stateDir": self.state.path,
-            "logFile": self.state.path.join("cni.log"),
+            "bpffsRoot": self.bpffs.path().join("ferrite"),
+            "stateDir": self.state.path(),
+            "logFile": self.state.path().join("cni.log"),
             "logLevel": "debug",
         });
         if let Value::Object(extra) = &self.extra {
@@ -319,7 +286,7 @@ impl Node {
     pub fn allocations(&self) -> Vec<String> {
         let out = Command::new(ferrite_bin())
             .args(["allocations", "--network", &self.name, "--state-dir"])
-            .arg(&self.state.path)
+            .arg(self.state.path())
             .output()
             .expect("ferrite allocations");
         assert!(
@@ -359,7 +326,7 @@ impl Node {
     pub fn stats(&self) -> Result<String> {
         let out = Command::new(ferrite_bin())
             .args(["stats", "--bpffs-root"])
-            .arg(self.bpffs.path.join("ferrite"))
+            .arg(self.bpffs.path().join("ferrite"))
             .output()?;
         if !out.status.success() {
             bail!("stats failed: {}", String::from_utf8_lossy(&out.stderr));

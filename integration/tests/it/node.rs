@@ -188,7 +188,7 @@ pub(crate) fn kube_proxy_rules(node: &Node, backend: IpAddr) {
 COMMIT
 "
     );
-    let path = node.state.path.join("kube-proxy.rules");
+    let path = node.state.path().join("kube-proxy.rules");
     std::fs::write(&path, rules).unwrap();
     node.ns
         .exec(&format!("iptables-restore -w < {}", path.display()))

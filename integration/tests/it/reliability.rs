@@ -31,7 +31,7 @@ fn holdings(node: &Node) -> (Vec<String>, Vec<String>, usize, usize) {
         .filter(|l| l.starts_with("fer"))
         .collect();
     let allocs = node.allocations();
-    let (eps, ifs) = match Datapath::open(&node.bpffs.path.join("ferrite")).unwrap() {
+    let (eps, ifs) = match Datapath::open(&node.bpffs.path().join("ferrite")).unwrap() {
         Some(dp) => (
             dp.endpoints().unwrap().len(),
             dp.interfaces().unwrap().len(),
@@ -205,8 +205,8 @@ fn killed_while_loading_the_datapath_recovers() {
     }
     let node = Node::new("10.79.0.0/24").unwrap();
     let conf = serde_json::to_vec(&node.conf("1.1.0")).unwrap();
-    let root = node.bpffs.path.join("ferrite");
-    let mnt = node.bpffs.path.display().to_string();
+    let root = node.bpffs.path().join("ferrite");
+    let mnt = node.bpffs.path().display().to_string();
     let mut killed_loading = 0;
     for delay_ms in [2u64, 5, 10, 20, 30, 40] {
         // A fresh bpffs: the next ADD is a first one.

@@ -24,7 +24,7 @@ struct ReaperHold {
 impl ReaperHold {
     fn new() -> Self {
         let dir = TempDir::new("rh").unwrap();
-        let file = dir.path.join("hold");
+        let file = dir.path().join("hold");
         std::fs::write(&file, b"").unwrap();
         Self { _dir: dir, file }
     }
@@ -302,7 +302,7 @@ fn add_right_after_del_in_the_same_netns_replaces_the_retired_veth() {
     assert_eq!(link(&node.ns, &new.host_veth()), Some((new_index, true)));
     assert!(peer.ns.ping(ip), "peer -> new after the old reaper ran");
     assert_eq!(node.allocations().len(), 2);
-    let log = std::fs::read_to_string(node.state.path.join("cni.log")).unwrap();
+    let log = std::fs::read_to_string(node.state.path().join("cni.log")).unwrap();
     assert!(
         log.contains(&format!("is the retired {old_veth}")),
         "the log says what ADD removed"
@@ -455,7 +455,7 @@ fn an_eth0_that_is_not_a_retired_ferrite_veth_is_refused_and_kept() {
         .exec(&format!("ip link set {} down", live.host_veth()))
         .unwrap();
     refused(&node, &live_ns, "a live pod's eth0 with its veth down");
-    let dp = Datapath::open(&node.bpffs.path.join("ferrite"))
+    let dp = Datapath::open(&node.bpffs.path().join("ferrite"))
         .unwrap()
         .unwrap();
     assert!(dp.endpoint(ip_of(&live.result)).unwrap().is_some());

@@ -106,7 +106,7 @@ fn pins_and_state_are_root_only() {
     }
     let node = Node::new("10.84.0.0/24").unwrap();
     let _a = node.add_pod("1.1.0").unwrap();
-    let root = node.bpffs.path.join("ferrite");
+    let root = node.bpffs.path().join("ferrite");
     assert_eq!(mode(&root), 0o700, "{}", root.display());
     let mut pins = 0;
     for dir in std::fs::read_dir(&root).unwrap() {
@@ -119,7 +119,7 @@ fn pins_and_state_are_root_only() {
         }
     }
     assert!(pins >= 6, "programs and maps are pinned");
-    let ipam = node.state.path.join("ipam");
+    let ipam = node.state.path().join("ipam");
     assert_eq!(mode(&ipam), 0o700);
     let net = ipam.join(&node.name);
     assert_eq!(mode(&net), 0o700);
@@ -127,7 +127,7 @@ fn pins_and_state_are_root_only() {
         let f = f.unwrap().path();
         assert_eq!(mode(&f) & 0o077, 0, "{} is open to others", f.display());
     }
-    assert_eq!(mode(&node.state.path.join("cni.log")), 0o600);
+    assert_eq!(mode(&node.state.path().join("cni.log")), 0o600);
 }
 
 #[test]
@@ -168,16 +168,20 @@ fn a_read_only_state_dir_fails_cleanly_and_status_says_so() {
     }
     let node = Node::new("10.88.0.0/24").unwrap();
     let ro = crate::harness::TempDir::new("ro").unwrap();
-    crate::harness::sh(&format!("mount -t tmpfs -o ro tmpfs {}", ro.path.display())).unwrap();
+    crate::harness::sh(&format!(
+        "mount -t tmpfs -o ro tmpfs {}",
+        ro.path().display()
+    ))
+    .unwrap();
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount").arg(&self.0).status();
         }
     }
-    let _guard = Unmount(ro.path.clone());
+    let _guard = Unmount(ro.path().to_owned());
     let mut c = node.conf("1.1.0");
-    c["stateDir"] = serde_json::json!(ro.path.join("state"));
+    c["stateDir"] = serde_json::json!(ro.path().join("state"));
     let before = node.links().unwrap();
     let ns = crate::harness::Netns::new("p").unwrap();
     let inv = node
@@ -204,7 +208,7 @@ fn a_full_endpoint_map_fails_cleanly_and_status_says_so() {
     use ferrite_datapath::{Datapath, Endpoint, MAX_ENDPOINTS};
     let node = Node::new("10.89.0.0/24").unwrap();
     let a = node.add_pod("1.1.0").unwrap();
-    let dp = Datapath::open(&node.bpffs.path.join("ferrite"))
+    let dp = Datapath::open(&node.bpffs.path().join("ferrite"))
         .unwrap()
         .unwrap();
     let filler = Endpoint {

@@ -97,7 +97,7 @@ fn a_new_datapath_takes_over_running_pods() {
     let node = Node::new("10.85.0.0/24").unwrap();
     let a = node.add_pod("1.1.0").unwrap();
     let b = node.add_pod("1.1.0").unwrap();
-    let root = node.bpffs.path.join("ferrite");
+    let root = node.bpffs.path().join("ferrite");
     assert_eq!(
         Datapath::pinned_versions(&root).unwrap(),
         vec![DATAPATH_VERSION.to_string()]
@@ -154,7 +154,7 @@ fn a_new_datapath_takes_over_running_pods() {
 
     // The new version runs every pod; the old pins are gone.
     let versions = Datapath::pinned_versions(&root).unwrap();
-    let log = std::fs::read_to_string(node.state.path.join("cni.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(node.state.path().join("cni.log")).unwrap_or_default();
     let repair: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("repair") || l.contains("datapath"))
@@ -198,15 +198,17 @@ fn a_wiped_bpffs_is_repaired() {
     let node = Node::new("10.86.0.0/24").unwrap();
     let a = node.add_pod("1.1.0").unwrap();
     let b = node.add_pod("1.1.0").unwrap();
-    let mnt = node.bpffs.path.display().to_string();
+    let mnt = node.bpffs.path().display().to_string();
     sh(&format!("umount {mnt} && mount -t bpf bpf {mnt}")).unwrap();
-    assert!(Datapath::pinned_versions(&node.bpffs.path.join("ferrite"))
-        .unwrap()
-        .is_empty());
+    assert!(
+        Datapath::pinned_versions(&node.bpffs.path().join("ferrite"))
+            .unwrap()
+            .is_empty()
+    );
     // The attached programs still carry the old pods between themselves.
     assert!(a.ns.ping(b.ip()));
 
-    let conf = node.state.path.join("repair.json");
+    let conf = node.state.path().join("repair.json");
     std::fs::write(&conf, serde_json::to_vec(&node.conf("1.1.0")).unwrap()).unwrap();
     let out = node
         .ferrite(&["repair", "--conf", conf.to_str().unwrap()])
@@ -249,11 +251,11 @@ fn a_wiped_bpffs_is_repaired_under_tcx() {
     let b = node.add_pod("1.1.0").unwrap();
     let old = program_ids(&node, &a.host_veth());
     assert_eq!(old.len(), 2, "from_pod and to_pod by TCX: {old:?}");
-    let mnt = node.bpffs.path.display().to_string();
+    let mnt = node.bpffs.path().display().to_string();
     sh(&format!("umount {mnt} && mount -t bpf bpf {mnt}")).unwrap();
     assert!(a.ns.ping(b.ip()));
 
-    let conf = node.state.path.join("repair.json");
+    let conf = node.state.path().join("repair.json");
     std::fs::write(&conf, serde_json::to_vec(&node.conf("1.1.0")).unwrap()).unwrap();
     let out = node
         .ferrite(&["repair", "--conf", conf.to_str().unwrap()])

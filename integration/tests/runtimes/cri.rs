@@ -64,7 +64,7 @@ impl<'a> Containerd<'a> {
     pub fn start(net: &'a Network) -> Result<Self> {
         let host = HostDirs::guard();
         let dir = TempDir::new("ctd")?;
-        let d = dir.path.display().to_string();
+        let d = dir.path().display().to_string();
         let config = format!(
             r#"version = 2
 root = "{d}/root"
@@ -98,9 +98,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             bin = net.bin_dir().display(),
             conf = net.conf_dir().display(),
         );
-        std::fs::write(dir.path.join("config.toml"), config)?;
+        std::fs::write(dir.path().join("config.toml"), config)?;
         let image = docker_archive(
-            &dir.path.join("image"),
+            &dir.path().join("image"),
             SANDBOX_IMAGE,
             &["/bin/sleep", "2147483647"],
         )?;
@@ -126,25 +126,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir.path.join("containerd.sock")
+        self.dir.path().join("containerd.sock")
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path.join("containerd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
     fn launch(&mut self) -> Result<()> {
         let log = File::options()
             .create(true)
             .append(true)
-            .open(self.dir.path.join("containerd.log"))?;
+            .open(self.dir.path().join("containerd.log"))?;
         let _ = std::fs::remove_file(self.socket());
         // nsenter execs containerd: the child is containerd itself.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.net.node.path().display()))
             .arg("containerd")
             .arg("--config")
-            .arg(self.dir.path.join("config.toml"))
+            .arg(self.dir.path().join("config.toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -399,11 +399,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// Kills shims and containers that outlived containerd (only ours: they
     /// name our private socket or runc root).
     fn reap(&self) {
-        let d = self.dir.path.display().to_string();
+        let d = self.dir.path().display().to_string();
         for pid in pids_mentioning(&d) {
             kill(pid, libc::SIGKILL);
         }
-        let runc_root = self.dir.path.join("runc");
+        let runc_root = self.dir.path().join("runc");
         for ns in read_dir_names(&runc_root) {
             let root = runc_root.join(&ns);
             for id in read_dir_names(&root) {

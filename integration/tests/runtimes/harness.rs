@@ -13,14 +13,15 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-pub use ferrite_integration::{ferrite_bin, privileged, sh};
+pub use ferrite_integration::ferrite_bin;
+pub use ferrite_test_support::{privileged, sh, unmount_under, wait_for, TempDir};
 
 /// The runtimes share host paths they hard-code (/run/containerd/s for shim
 /// sockets, the libcni cache in /var/lib/cni) and the machine has two cores:
@@ -30,7 +31,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 pub fn unique(tag: &str) -> String {
-    ferrite_integration::unique_with("fr", tag)
+    ferrite_test_support::unique("fr", tag)
 }
 
 /// The conflist users copy, as shipped (or the one FERRITE_CONFLIST names).
@@ -41,20 +42,6 @@ pub fn shipped_conflist() -> Value {
         .unwrap_or_else(|_| root.join("conf/10-ferrite.conflist"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Polls `f` until it returns Some or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -119,48 +106,6 @@ pub fn run_in<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T> 
         .join()
         .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
     })
-}
-
-/// A temporary directory, removed on drop after unmounting anything a
-/// runtime left mounted below it.
-pub struct TempDir {
-    pub path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(unique(tag));
-        std::fs::create_dir_all(&path)?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        unmount_under(&self.path);
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Detaches every mount at or below `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
-    for p in points {
-        if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
-            // SAFETY: a valid C string; MNT_DETACH cannot block.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
 }
 
 /// Processes whose command line mentions `needle` (a private path of ours,
@@ -287,11 +232,11 @@ impl Network {
         let node = Netns::new("node")?;
         let dir = TempDir::new("net")?;
         for d in ["bin", "net.d", "state", "bpffs"] {
-            std::fs::create_dir_all(dir.path.join(d))?;
+            std::fs::create_dir_all(dir.path().join(d))?;
         }
         sh(&format!(
             "mount -t bpf bpf {}",
-            dir.path.join("bpffs").display()
+            dir.path().join("bpffs").display()
         ))?;
         let net = Self {
             node,
@@ -323,23 +268,23 @@ impl Network {
     }
 
     pub fn bin_dir(&self) -> PathBuf {
-        self.dir.path.join("bin")
+        self.dir.path().join("bin")
     }
 
     pub fn conf_dir(&self) -> PathBuf {
-        self.dir.path.join("net.d")
+        self.dir.path().join("net.d")
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path.join("state")
+        self.dir.path().join("state")
     }
 
     pub fn bpffs_root(&self) -> PathBuf {
-        self.dir.path.join("bpffs").join("ferrite")
+        self.dir.path().join("bpffs").join("ferrite")
     }
 
     fn calls_log(&self) -> PathBuf {
-        self.dir.path.join("calls.log")
+        self.dir.path().join("calls.log")
     }
 
     /// The shipped conflist, pointed at this network's private paths. Its

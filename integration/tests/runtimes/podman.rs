@@ -33,7 +33,7 @@ impl<'a> Podman<'a> {
     pub fn new(net: &'a Network) -> Result<Self> {
         let host = HostDirs::guard();
         let dir = TempDir::new("podman")?;
-        let d = dir.path.display();
+        let d = dir.path().display();
         // This machine's hard limits are nofile 20000 and nproc 96365;
         // podman's defaults (1048576) would be refused.
         let conf = format!(
@@ -57,11 +57,11 @@ network_config_dir = "{conf}"
             bin = net.bin_dir().display(),
             conf = net.conf_dir().display(),
         );
-        std::fs::write(dir.path.join("containers.conf"), conf)?;
+        std::fs::write(dir.path().join("containers.conf"), conf)?;
         let storage = format!(
             "[storage]\ndriver = \"vfs\"\nrunroot = \"{d}/runroot\"\ngraphroot = \"{d}/storage\"\n"
         );
-        std::fs::write(dir.path.join("storage.conf"), storage)?;
+        std::fs::write(dir.path().join("storage.conf"), storage)?;
         let mut conflist = net.conflist();
         conflist["plugins"]
             .as_array_mut()
@@ -74,7 +74,7 @@ network_config_dir = "{conf}"
             cgroup: CgroupParent::new(),
             _host: host,
         };
-        let rootfs = busybox_rootfs(&p.dir.path.join("image"))?;
+        let rootfs = busybox_rootfs(&p.dir.path().join("image"))?;
         p.ok(&["import", "--quiet", &rootfs.display().to_string(), IMAGE])?;
         Ok(p)
     }
@@ -85,10 +85,10 @@ network_config_dir = "{conf}"
             .arg(format!("--net={}", self.net.node.path().display()))
             .arg("podman")
             .args(args)
-            .env("CONTAINERS_CONF", self.dir.path.join("containers.conf"))
+            .env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
             .env(
                 "CONTAINERS_STORAGE_CONF",
-                self.dir.path.join("storage.conf"),
+                self.dir.path().join("storage.conf"),
             )
             .output()
             .context("running podman")
@@ -157,7 +157,7 @@ impl Drop for Podman<'_> {
     fn drop(&mut self) {
         let _ = self.podman(&["rm", "--all", "--force", "--time", "0"]);
         // conmon and anything else that names our private directories.
-        for pid in pids_mentioning(&self.dir.path.display().to_string()) {
+        for pid in pids_mentioning(&self.dir.path().display().to_string()) {
             kill(pid, libc::SIGKILL);
         }
         // Then `dir` unmounts and goes, then `_host`.

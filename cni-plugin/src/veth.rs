@@ -1,5 +1,6 @@
-//! The pod's link: the veth pair, its addresses, routes and neighbours, as
-//! ADD makes them and DEL, CHECK and GC find them.
+//! The pod's veth pair and the pod side of it: the pair made with one
+//! message, the pod's addresses, routes and neighbours, as ADD makes them
+//! and DEL, CHECK and GC find, retire and reap them.
 
 use std::fs::File;
 use std::net::IpAddr;

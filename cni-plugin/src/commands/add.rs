@@ -1,0 +1,321 @@
+// SPDX-License-Identifier: Apache-2.0
+//! ADD: the pod's veth pair, addresses, routes, qdiscs, programs and
+//! endpoint entry, each undone if a later step fails.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ferrite_datapath::{AttachMode, Datapath, Endpoint};
+use ipnetwork::IpNetwork;
+
+use super::{datapath_error, host_netlink};
+use crate::addresses;
+use crate::bandwidth;
+use crate::config::{CniEnv, NetConf};
+use crate::error::{CniError, CniResult, Code};
+use crate::naming::{self, format_mac, gateway_for};
+use crate::netlink::Netlink;
+use crate::result::{CniOutput, Interface, IpConfig, RouteEntry};
+use crate::veth;
+
+/// The open handles one ADD works through.
+struct Handles {
+    host_nl: Netlink,
+    pod_nl: Netlink,
+    netns: std::fs::File,
+}
+
+pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
+    let started = std::time::Instant::now();
+    let mark =
+        |what: &str| log::debug!("{what} at {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
+    let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
+    // Everything that can be refused is refused before anything is touched.
+    let pool = conf.pool()?;
+    let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
+    let netns = veth::open_netns(netns_path)?;
+
+    let mut host_nl = host_netlink()?;
+    let (dp, outcome) = Datapath::open_or_load(&conf.bpffs_root)
+        .map_err(|e| datapath_error("cannot load the eBPF datapath", &e))?;
+    mark(&format!(
+        "datapath {outcome:?} {}",
+        dp.version_dir().display()
+    ));
+    if outcome == ferrite_datapath::LoadOutcome::Loaded {
+        // A new version, or a wiped bpffs: bring running pods along. A
+        // failure here must not keep new pods from starting.
+        if let Err(e) = crate::repair::run(conf, &dp, &mut host_nl) {
+            log::warn!("repair after loading the datapath failed: {e}");
+        }
+    }
+    // A veth of ours that is down, or that no endpoint entry points at, is a
+    // retired or half-made one (a DEL whose reaper has not finished, a
+    // killed ADD): remove it and whatever map entries point at it; its peer
+    // leaves the pod with it. (Rare: only when a veth of our name exists.)
+    let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
+    let group = naming::host_veth_group(&conf.name);
+    let alias = naming::host_veth_alias(&conf.name);
+    if let Some(l) = veth::find_host_veth(&mut host_nl, &host_name, group)? {
+        let complete = l.up
+            && l.alias.as_deref() == Some(alias.as_str())
+            && dp
+                .endpoints()
+                .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
+                .iter()
+                .any(|(_, ep)| ep.ifindex == l.index);
+        if !complete {
+            log::info!("removing {} left by an earlier attempt", l.name);
+            dp.forget_interface(l.index)
+                .map_err(|e| datapath_error("cannot clear a half-made endpoint", &e))?;
+            match host_nl.link_del(l.index) {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(libc::ENODEV) => {}
+                Err(e) => {
+                    return Err(veth::kernel_error(
+                        "cannot remove a half-made host veth",
+                        &e,
+                    ))
+                }
+            }
+        }
+    }
+    let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
+        .map_err(|e| veth::kernel_error("cannot open netlink in the pod namespace", &e))?;
+    // The interface must not exist yet, unless it is ferrite's own from an
+    // earlier container of this namespace, waiting for its reaper.
+    if let Some(existing) = pod_nl
+        .link_get(&env.ifname)
+        .map_err(|e| veth::kernel_error("cannot look up the pod interface", &e))?
+    {
+        reclaim_retired(conf, env, &dp, &mut host_nl, &mut pod_nl, &netns, &existing)?;
+    }
+    mark("pod namespace open");
+
+    let ips = addresses::allocate(conf, env, pool.as_ref())?;
+    mark("addresses allocated");
+    crate::failpoint::hit("add-allocated");
+    let mut handles = Handles {
+        host_nl,
+        pod_nl,
+        netns,
+    };
+    let made = setup(conf, env, &dp, &mut handles, &ips, &limits);
+    mark("pod set up");
+    match made {
+        Ok(out) => Ok(out),
+        Err(err) => {
+            if let Err(undo) = addresses::release(conf, env) {
+                log::warn!("rollback: cannot release {ips:?}: {undo}");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// ADD found `existing` under the pod's interface name. A runtime that
+/// reuses a network namespace (podman's disconnect and connect, a new
+/// container in a kept sandbox) can ADD right after a DEL, while the
+/// reaper is still deleting the old veth: when `existing` is ferrite's own
+/// veth of this network, retired (its host side down, no endpoint entry
+/// pointing at it), it is removed here. Anything else is refused with 104
+/// and left as it is.
+fn reclaim_retired(
+    conf: &NetConf,
+    env: &CniEnv,
+    dp: &Datapath,
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    netns: &std::fs::File,
+    existing: &crate::netlink::Link,
+) -> CniResult<()> {
+    let exists = |why: &str| {
+        let netns_path = env.netns.as_deref().unwrap_or(Path::new(""));
+        CniError::new(
+            Code::InterfaceExists,
+            format!(
+                "interface {} already exists in {}",
+                env.ifname,
+                netns_path.display()
+            ),
+        )
+        .with_details(why)
+    };
+    let group = naming::host_veth_group(&conf.name);
+    let alias = naming::host_veth_alias(&conf.name);
+    let host = match veth::occupant(host_nl, netns, existing, group, &alias)? {
+        veth::Occupant::Retired(host) => host,
+        veth::Occupant::Foreign(why) => return Err(exists(&why)),
+        veth::Occupant::PeerGone => {
+            // A reaper unlists both ends of the pair in one step: once the
+            // host end is gone, the pod end is gone too, or is about to be.
+            return match pod_nl.link_get(&env.ifname) {
+                Ok(Some(again)) if again.index == existing.index => {
+                    Err(exists("its peer is not in the node's namespace"))
+                }
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err(exists("it was replaced while ADD looked at it")),
+                Err(e) => Err(veth::kernel_error("cannot look up the pod interface", &e)),
+            };
+        }
+    };
+    let live = dp
+        .endpoints()
+        .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
+        .iter()
+        .any(|(_, ep)| ep.ifindex == host.index);
+    if live {
+        return Err(exists("an endpoint entry still points at its peer"));
+    }
+    log::info!(
+        "{} in {} is the retired {} of an earlier container: removing it",
+        env.ifname,
+        env.netns.as_deref().unwrap_or(Path::new("")).display(),
+        host.name
+    );
+    dp.forget_interface(host.index)
+        .map_err(|e| datapath_error("cannot clear a retired endpoint", &e))?;
+    match host_nl.link_del(host.index) {
+        Ok(()) => {}
+        // Its reaper was quicker.
+        Err(e) if e.errno() == Some(libc::ENODEV) => {}
+        Err(e) => return Err(veth::kernel_error("cannot remove a retired host veth", &e)),
+    }
+    // The pair goes as one, so the name is free now.
+    match pod_nl.link_get(&env.ifname) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(exists("it is still there after its peer was removed")),
+        Err(e) => Err(veth::kernel_error("cannot look up the pod interface", &e)),
+    }
+}
+
+fn setup(
+    conf: &NetConf,
+    env: &CniEnv,
+    dp: &Datapath,
+    handles: &mut Handles,
+    ips: &[IpAddr],
+    limits: &bandwidth::Limits,
+) -> CniResult<CniOutput> {
+    let Handles {
+        host_nl,
+        pod_nl,
+        netns,
+    } = handles;
+    let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
+    let spec = veth::PodSpec {
+        host_name: &host_name,
+        ifname: &env.ifname,
+        group: naming::host_veth_group(&conf.name),
+        alias: &naming::host_veth_alias(&conf.name),
+        mtu: conf.mtu,
+        ips,
+    };
+    let link = veth::create(host_nl, pod_nl, netns, &spec)?;
+    // With a chained bandwidth plugin, that plugin shapes; ferrite only
+    // leaves room for its qdiscs and routes the pod's traffic through them.
+    let shaped = if conf.chained_bandwidth {
+        Ok(())
+    } else {
+        bandwidth::apply(limits, host_nl, link.host.index, pod_nl, &env.ifname)
+    };
+    if let Err(err) = shaped {
+        if let Err(undo) = host_nl.link_del(link.host.index) {
+            log::warn!("rollback: cannot delete {host_name}: {undo}");
+        }
+        return Err(err);
+    }
+    let endpoint = Endpoint {
+        ifindex: link.host.index,
+        flags: limits.endpoint_flags(conf.chained_bandwidth),
+        pod_mac: link.pod_mac,
+        host_mac: link.host.mac,
+    };
+    crate::failpoint::hit("add-configured");
+    let wired = dp
+        .attach(
+            link.host.index,
+            if conf.chained_bandwidth {
+                AttachMode::Tcx
+            } else {
+                AttachMode::Clsact
+            },
+        )
+        .map_err(|e| datapath_error("cannot attach the datapath to the host veth", &e))
+        .and_then(|()| {
+            crate::failpoint::hit("add-attached");
+            for ip in ips {
+                dp.upsert_endpoint(*ip, &endpoint).map_err(|e| {
+                    let full = dp
+                        .endpoints()
+                        .is_ok_and(|eps| eps.len() >= ferrite_datapath::MAX_ENDPOINTS);
+                    if full {
+                        datapath_error(
+                            &format!(
+                                "the endpoint map is full ({} endpoints)",
+                                ferrite_datapath::MAX_ENDPOINTS
+                            ),
+                            &e,
+                        )
+                    } else {
+                        datapath_error("cannot add the endpoint to the map", &e)
+                    }
+                })?;
+            }
+            // The map entry is the last step: it makes the pod complete.
+            crate::failpoint::hit("add-mapped");
+            Ok(())
+        });
+    if let Err(err) = wired {
+        for ip in ips {
+            if let Err(undo) = dp.remove_endpoint(*ip, link.host.index) {
+                log::warn!("rollback: cannot remove endpoint {ip}: {undo}");
+            }
+        }
+        if let Err(undo) = host_nl.link_del(link.host.index) {
+            log::warn!("rollback: cannot delete {host_name}: {undo}");
+        }
+        return Err(err);
+    }
+
+    let netns_path = env.netns.as_ref().map(|p| p.display().to_string());
+    let mut out = CniOutput::default();
+    out.interfaces.push(Interface {
+        name: host_name,
+        mac: format_mac(&link.host.mac),
+        mtu: Some(conf.mtu),
+        sandbox: None,
+    });
+    out.interfaces.push(Interface {
+        name: env.ifname.clone(),
+        mac: format_mac(&link.pod_mac),
+        mtu: Some(conf.mtu),
+        sandbox: netns_path,
+    });
+    let mut defaults = Vec::new();
+    for ip in ips {
+        let gw = gateway_for(*ip);
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        out.ips.push(IpConfig {
+            address: IpNetwork::new(*ip, len).expect("host prefix is valid"),
+            gateway: Some(gw),
+            interface: Some(1),
+        });
+        if !defaults.contains(&gw) {
+            defaults.push(gw);
+            let any = if ip.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+            out.routes.push(RouteEntry {
+                dst: any.parse().expect("default route parses"),
+                gw: Some(gw),
+            });
+        }
+    }
+    log::info!(
+        "added {} ips={:?} host={} ifindex={}",
+        env.ifname,
+        ips,
+        out.interfaces[0].name,
+        link.host.index
+    );
+    Ok(out)
+}
