@@ -14,6 +14,7 @@
 
 #include "lib/common.h"
 #include "lib/flow.h"
+#include "lib/policy.h"
 #include "lib/remote.h"
 #include "lib/stats.h"
 
@@ -83,7 +84,8 @@ static __always_inline int handle_arp(struct ethhdr *eth, void *data_end,
 /*
  * Source IP must belong to this veth's endpoint, source MAC to its pod.
  * Returns a drop reason, 0 to go on, or TC_ACT_UNSPEC when a chained
- * plugin shapes what this pod sends and must see the packet.
+ * plugin shapes what this pod sends and must see the packet (once the
+ * policy let it go).
  */
 static __always_inline int check_source(const union v6addr *saddr,
 					const __u8 *smac, __u32 ifindex)
@@ -100,14 +102,14 @@ static __always_inline int check_source(const union v6addr *saddr,
 }
 
 /*
- * The destination endpoint if @key may take the fast path: a pod on this
- * node behind another veth, and not a flow the host stack delivered.
+ * @dst (the destination's endpoint, or NULL) if @key may take the fast
+ * path: a pod on this node behind another veth, and not a flow the host
+ * stack delivered.
  */
 static __always_inline struct endpoint *fast_path_target(struct flow_key *key,
+							 struct endpoint *dst,
 							 __u32 ifindex)
 {
-	struct endpoint *dst = bpf_map_lookup_elem(&ferrite_endpts, &key->daddr);
-
 	if (!dst || dst->ifindex == ifindex)
 		return NULL;
 	if (is_stack_flow(key))
@@ -115,12 +117,43 @@ static __always_inline struct endpoint *fast_path_target(struct flow_key *key,
 	return dst;
 }
 
-/* Whether @key may take the fast path to another node's pod. */
+/*
+ * Whether @key, for no endpoint of this node, may take the fast path to
+ * another node's pod.
+ */
 static __always_inline int to_other_node(const struct flow_key *key)
 {
-	return is_pod_address(&key->daddr) &&
-	       !bpf_map_lookup_elem(&ferrite_endpts, &key->daddr) &&
-	       !is_stack_flow(key);
+	return is_pod_address(&key->daddr) && !is_stack_flow(key);
+}
+
+/*
+ * NetworkPolicy for a packet the pod sends: its own egress rules, and the
+ * ingress rules of @dst when the destination is a pod of this node (a
+ * redirect skips the destination's own hooks). A packet to a Service
+ * address has its egress judged once the stack has translated it (to_pod,
+ * to_uplink); one to the node itself is always allowed. Returns 0, or
+ * TC_ACT_SHOT with the drop counted.
+ */
+static __always_inline int check_policy(const struct flow_key *key, int kind,
+					const struct endpoint *dst,
+					__u32 ifindex)
+{
+	struct ep_policy *src = policy_of(ifindex);
+	struct ep_policy *dpol = dst ? policy_of(dst->ifindex) : NULL;
+	int check_egress = 1;
+	int reason;
+
+	if (!(policy_bits(src) | policy_bits(dpol)))
+		return 0;
+	if (policy_exempt(key))
+		return 0;
+	if (!dst && (is_service_address(&key->daddr) ||
+		     is_host_address(&key->daddr)))
+		check_egress = 0;
+	reason = policy_verdict(key, kind, src, dpol, check_egress);
+	if (reason)
+		return policy_drop(reason, ifindex, dst ? dst->ifindex : 0, src);
+	return 0;
 }
 
 static __always_inline void count_redirect(struct endpoint_stats *st,
@@ -172,18 +205,36 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb)
 }
 
 /*
- * What the parser says of a packet whose source checked out: a drop
- * reason, TC_ACT_OK for the stack, or FLOW_GO_ON towards a fast path.
- * Every fragment of a datagram goes to the stack, which reassembles, and so
- * does what ferrite does not route by flow.
+ * What the parser and the policy say of a packet whose source checked
+ * out: a drop reason, TC_ACT_SHOT (a policy drop, counted), TC_ACT_OK for
+ * the stack, or FLOW_GO_ON towards a fast path. Every fragment of a
+ * datagram goes to the stack, which reassembles, and so does what ferrite
+ * does not route by flow. Sets @dst to the destination's endpoint, if on
+ * this node.
  */
 #define FLOW_GO_ON 1
 
-static __always_inline int parsed_verdict(int kind)
+static __always_inline int parsed_verdict(const struct flow_key *key, int kind,
+					  struct endpoint **dst, __u32 ifindex)
 {
+	int ret;
+
 	if (kind == FLOW_MALFORMED)
 		return DROP_MALFORMED;
+	*dst = bpf_map_lookup_elem(&ferrite_endpts, &key->daddr);
+	ret = check_policy(key, kind, *dst, ifindex);
+	if (ret)
+		return ret;
 	return flow_is_routable(kind) ? FLOW_GO_ON : TC_ACT_OK;
+}
+
+/*
+ * The verdict for a pod whose sending a chained plugin shapes: it sees
+ * every packet the policy lets go (TC_ACT_UNSPEC).
+ */
+static __always_inline int stack_verdict(int ret)
+{
+	return ret == FLOW_GO_ON || ret == TC_ACT_OK ? TC_ACT_UNSPEC : ret;
 }
 
 static __always_inline int handle_ipv4(struct __sk_buff *skb,
@@ -196,7 +247,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 	struct flow_key key;
 	struct endpoint *dst;
 	union v6addr saddr;
-	int ret;
+	int via_stack, ret;
 
 	if ((void *)(ip + 1) > data_end)
 		return DROP_MALFORMED;
@@ -205,18 +256,25 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 
 	v4_mapped(&saddr, ip->saddr);
 	ret = check_source(&saddr, eth->h_source, ifindex);
-	if (ret != 0)
+	if (ret != 0 && ret != TC_ACT_UNSPEC)
 		return ret;
+	via_stack = ret == TC_ACT_UNSPEC;
 
-	ret = parsed_verdict(flow_of_ipv4(skb, &key, ETH_HLEN));
+	ret = parsed_verdict(&key, flow_of_ipv4(skb, &key, ETH_HLEN), &dst,
+			     ifindex);
+	if (via_stack)
+		return stack_verdict(ret);
 	if (ret != FLOW_GO_ON)
 		return ret;
 
 	/* TTL 1 goes to the stack, which answers with ICMP time exceeded. */
 	if (ip->ttl <= 1)
 		return TC_ACT_OK;
-	dst = fast_path_target(&key, ifindex);
-	if (!dst) {
+	if (dst) {
+		dst = fast_path_target(&key, dst, ifindex);
+		if (!dst)
+			return TC_ACT_OK;
+	} else {
 		struct bpf_fib_lookup fib = {};
 		long rc;
 
@@ -267,7 +325,8 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 	struct flow_key key;
 	struct endpoint *dst;
 	union v6addr saddr;
-	int ret;
+	__u8 hop_limit;
+	int via_stack, kind, ret;
 
 	if ((void *)(ip6 + 1) > data_end)
 		return DROP_MALFORMED;
@@ -291,12 +350,13 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 	}
 
 	ret = check_source(&saddr, eth->h_source, ifindex);
-	if (ret != 0)
+	if (ret != 0 && ret != TC_ACT_UNSPEC)
 		return ret;
+	via_stack = ret == TC_ACT_UNSPEC;
 
-	ret = parsed_verdict(flow_of_ipv6(skb, &key, ETH_HLEN));
-	if (ret != FLOW_GO_ON)
-		return ret;
+	kind = flow_of_ipv6(skb, &key, ETH_HLEN);
+	if (kind == FLOW_MALFORMED)
+		return DROP_MALFORMED;
 	/* flow_of_ipv6 reads with helpers: reload the pointers it may move. */
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -310,13 +370,23 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 		if ((void *)(icmp6 + 1) > data_end)
 			return DROP_MALFORMED;
 		if (is_neighbour_discovery(icmp6->type))
-			return TC_ACT_OK;
+			return via_stack ? TC_ACT_UNSPEC : TC_ACT_OK;
 	}
+	hop_limit = ip6->hop_limit;
 
-	if (ip6->hop_limit <= 1)
+	ret = parsed_verdict(&key, kind, &dst, ifindex);
+	if (via_stack)
+		return stack_verdict(ret);
+	if (ret != FLOW_GO_ON)
+		return ret;
+
+	if (hop_limit <= 1)
 		return TC_ACT_OK;
-	dst = fast_path_target(&key, ifindex);
-	if (!dst) {
+	if (dst) {
+		dst = fast_path_target(&key, dst, ifindex);
+		if (!dst)
+			return TC_ACT_OK;
+	} else {
 		struct bpf_fib_lookup fib = {};
 		long rc;
 

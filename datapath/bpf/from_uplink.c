@@ -11,8 +11,9 @@
  * firewall, reverse-path filter and conntrack then see the whole flow (a
  * node's SYN redirected past conntrack makes the pod's SYN-ACK INVALID to
  * kube-proxy's rules). So do fragments (all of them: conntrack gathers a
- * datagram) and packets whose TTL runs out here. A packet claiming to come from a pod of this node is dropped and
- * counted. Everything else passes on (TC_ACT_UNSPEC), untouched, to
+ * datagram) and packets whose TTL runs out here. A packet claiming to
+ * come from a pod of this node is dropped and counted, and so is one the
+ * destination's NetworkPolicy ingress rules refuse. Everything else passes on (TC_ACT_UNSPEC), untouched, to
  * whatever else the shared uplink runs, and then to the stack.
  */
 #include <stddef.h>
@@ -23,6 +24,7 @@
 
 #include "lib/common.h"
 #include "lib/flow.h"
+#include "lib/policy.h"
 #include "lib/remote.h"
 #include "lib/stats.h"
 
@@ -90,17 +92,19 @@ int from_uplink(struct __sk_buff *skb)
 {
 	struct endpoint_stats *st;
 	struct endpoint *dst;
+	struct ep_policy *pol;
 	struct flow_key key;
 	union v6addr src;
 	struct ethhdr *eth;
 	void *data, *data_end;
-	int down;
+	int kind, down;
 
 	/* Only frames addressed to this node; never another's. */
 	if (skb->pkt_type != PACKET_HOST)
 		return TC_ACT_UNSPEC;
 	pull_headers(skb);
-	if (!flow_is_routable(flow_of_frame(skb, &key)))
+	kind = flow_of_frame(skb, &key);
+	if (!flow_is_routable(kind))
 		return TC_ACT_UNSPEC;
 	dst = bpf_map_lookup_elem(&ferrite_endpts, &key.daddr);
 	if (!dst)
@@ -118,6 +122,13 @@ int from_uplink(struct __sk_buff *skb)
 	}
 	if (is_stack_flow(&key))
 		return TC_ACT_UNSPEC;
+	pol = policy_of(dst->ifindex);
+	if (pol && !policy_exempt(&key)) {
+		int reason = policy_verdict(&key, kind, NULL, pol, 0);
+
+		if (reason)
+			return policy_drop(reason, 0, dst->ifindex, NULL);
+	}
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_UNSPEC;

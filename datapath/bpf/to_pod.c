@@ -4,10 +4,13 @@
  * pod. Packets from_pod redirects enter the pod directly and never pass here,
  * except those for a shaped pod, which from_pod marks (FERRITE_MARK_SHAPED).
  *
+ * Enforces NetworkPolicy on what the stack delivers: the pod's ingress
+ * rules, and the egress rules of a sender on this node whose packet the
+ * stack translated (a Service's DNAT). The node's own traffic passes.
+ *
  * Records the reverse tuple of each flow in ferrite_stkflow, so the pod's
  * answers go back through the host stack too: conntrack must see them to
  * undo the NAT of Services (kube-proxy DNAT) and hostPorts (portmap).
- * Never drops.
  */
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -15,13 +18,43 @@
 
 #include "lib/common.h"
 #include "lib/flow.h"
+#include "lib/policy.h"
 #include "lib/stats.h"
+
+/*
+ * NetworkPolicy for a packet the stack delivers through host veth
+ * @ifindex. Returns 0, or TC_ACT_SHOT with the drop counted.
+ */
+static __always_inline int check_policy(const struct flow_key *key, int kind,
+					__u32 ifindex)
+{
+	struct ep_policy *dst = policy_of(ifindex);
+	struct ep_policy *src = NULL;
+	struct endpoint *sender;
+	int reason;
+
+	if (kind == FLOW_MALFORMED || policy_exempt(key))
+		return 0;
+	sender = bpf_map_lookup_elem(&ferrite_endpts, &key->saddr);
+	if (sender)
+		src = policy_of(sender->ifindex);
+	if (!(policy_bits(src) | policy_bits(dst)))
+		return 0;
+	if (!sender && is_host_address(&key->saddr))
+		return 0;
+	reason = policy_verdict(key, kind, src, dst, 1);
+	if (reason)
+		return policy_drop(reason, sender ? sender->ifindex : 0, ifindex,
+				   src);
+	return 0;
+}
 
 SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
 	struct endpoint_stats *st;
 	struct flow_key key;
+	int kind;
 
 #ifdef FERRITE_BUILD_TAG
 	/* A build whose programs differ, for upgrade tests; cb is scratch. */
@@ -40,7 +73,10 @@ int to_pod(struct __sk_buff *skb)
 	}
 
 	pull_headers(skb);
-	if (flow_is_recordable(flow_of_frame(skb, &key)))
+	kind = flow_of_frame(skb, &key);
+	if (check_policy(&key, kind, skb->ifindex))
+		return TC_ACT_SHOT;
+	if (flow_is_recordable(kind))
 		remember_reply(&key);
 	return TC_ACT_OK;
 }

@@ -7,29 +7,47 @@
  * another node, say) has its answer's tuple recorded, so that from_uplink
  * hands the answer to the stack, whose conntrack undoes the NAT. Packets
  * from_pod sent through the fast path carry FERRITE_MARK_REMOTE and are
- * not recorded. Always passes the packet on (TC_ACT_UNSPEC).
+ * not recorded. A pod's packet whose egress the stack's translation made
+ * judgeable (a Service's backend on another node) meets the pod's
+ * NetworkPolicy egress rules here; everything else passes on
+ * (TC_ACT_UNSPEC).
  */
 #include <linux/if_ether.h>
 
 #include "lib/common.h"
 #include "lib/flow.h"
+#include "lib/policy.h"
 
 SEC("classifier")
 int to_uplink(struct __sk_buff *skb)
 {
+	struct endpoint *sender;
+	struct ep_policy *pol;
 	struct flow_key key;
+	int kind;
 
 	if (skb->mark == FERRITE_MARK_REMOTE) {
 		skb->mark = 0;
 		return TC_ACT_UNSPEC;
 	}
 	pull_headers(skb);
-	if (!flow_is_recordable(flow_of_frame(skb, &key)))
+	kind = flow_of_frame(skb, &key);
+	if (kind == FLOW_MALFORMED)
 		return TC_ACT_UNSPEC;
 	/* Only pods of this node: the node's own traffic is none of ours. */
-	if (!bpf_map_lookup_elem(&ferrite_endpts, &key.saddr))
+	sender = bpf_map_lookup_elem(&ferrite_endpts, &key.saddr);
+	if (!sender)
 		return TC_ACT_UNSPEC;
-	remember_reply(&key);
+	pol = policy_of(sender->ifindex);
+	if (pol && !policy_exempt(&key)) {
+		int reason = policy_verdict(&key, kind, pol, NULL,
+					    !is_host_address(&key.daddr));
+
+		if (reason)
+			return policy_drop(reason, sender->ifindex, 0, pol);
+	}
+	if (flow_is_recordable(kind))
+		remember_reply(&key);
 	return TC_ACT_UNSPEC;
 }
 

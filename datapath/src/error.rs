@@ -22,6 +22,8 @@ pub enum DatapathError {
     Tc(#[from] TcError),
     #[error(transparent)]
     Tcx(#[from] crate::tcx::TcxError),
+    #[error(transparent)]
+    Policy(crate::policy::PolicyError),
     /// An operation failed, and so did undoing what it had done.
     #[error("{error}; cleaning up {path} also failed: {rollback}")]
     Rollback {

@@ -11,6 +11,7 @@ mod error;
 mod load;
 mod maps;
 pub mod pin;
+pub mod policy;
 mod sys;
 mod tc;
 mod tcx;
@@ -310,13 +311,26 @@ impl Datapath {
     /// take the cross-node fast path. Empty switches that path off.
     pub fn set_cluster_cidrs(&self, cidrs: &[(IpAddr, u8)]) -> Result<(), DatapathError> {
         let map = self.open_pin(pin::PODNETS_MAP)?;
-        Ok(maps::set_podnets(map.as_fd(), cidrs)?)
+        Ok(maps::set_lpm_set(map.as_fd(), pin::PODNETS_MAP, cidrs)?)
+    }
+
+    /// Handles to the NetworkPolicy maps (rule sets, endpoint policies,
+    /// host addresses, Service CIDRs, connection tracking).
+    pub fn policy_maps(&self) -> Result<policy::PolicyMaps, DatapathError> {
+        Ok(policy::PolicyMaps {
+            eppol: self.open_pin(policy::EPPOL_MAP)?,
+            polport: self.open_pin(policy::POLPORT_MAP)?,
+            polpeer: self.open_pin(policy::POLPEER_MAP)?,
+            hostips: self.open_pin(policy::HOSTIPS_MAP)?,
+            svcnets: self.open_pin(policy::SVCNETS_MAP)?,
+            ct: self.open_pin(policy::CT_MAP)?,
+        })
     }
 
     /// What `ferrite_podnets` holds.
     pub fn cluster_cidrs(&self) -> Result<Vec<(IpAddr, u8)>, DatapathError> {
         let map = self.open_pin(pin::PODNETS_MAP)?;
-        Ok(maps::podnets(map.as_fd())?)
+        Ok(maps::lpm_set(map.as_fd(), pin::PODNETS_MAP)?)
     }
 
     /// Attaches `from_pod` at ingress and `to_pod` at egress of the host

@@ -261,12 +261,12 @@ fn podnet_of_key(key: &[u8; 20]) -> (IpAddr, u8) {
     }
 }
 
-fn podnet_keys(map: BorrowedFd<'_>) -> Result<Vec<[u8; 20]>, MapError> {
+fn lpm_keys(map: BorrowedFd<'_>, name: &'static str) -> Result<Vec<[u8; 20]>, MapError> {
     let mut out: Vec<[u8; 20]> = Vec::new();
     loop {
         let mut next = [0u8; 20];
-        let more = sys::map_next_key(map, out.last().map(|k| &k[..]), &mut next)
-            .map_err(on(crate::pin::PODNETS_MAP))?;
+        let more =
+            sys::map_next_key(map, out.last().map(|k| &k[..]), &mut next).map_err(on(name))?;
         if !more {
             return Ok(out);
         }
@@ -274,22 +274,29 @@ fn podnet_keys(map: BorrowedFd<'_>) -> Result<Vec<[u8; 20]>, MapError> {
     }
 }
 
-/// The cluster CIDRs in `ferrite_podnets`.
-pub(crate) fn podnets(map: BorrowedFd<'_>) -> Result<Vec<(IpAddr, u8)>, MapError> {
-    Ok(podnet_keys(map)?.iter().map(podnet_of_key).collect())
+/// The CIDRs in an LPM set laid out like `ferrite_podnets`.
+pub(crate) fn lpm_set(
+    map: BorrowedFd<'_>,
+    name: &'static str,
+) -> Result<Vec<(IpAddr, u8)>, MapError> {
+    Ok(lpm_keys(map, name)?.iter().map(podnet_of_key).collect())
 }
 
-/// Makes `ferrite_podnets` hold exactly `cidrs`: adds the missing ones
-/// first, then removes the rest, so a CIDR kept is never absent.
-pub(crate) fn set_podnets(map: BorrowedFd<'_>, cidrs: &[(IpAddr, u8)]) -> Result<(), MapError> {
+/// Makes an LPM set laid out like `ferrite_podnets` hold exactly `cidrs`:
+/// adds the missing ones first, then removes the rest, so a CIDR kept is
+/// never absent.
+pub(crate) fn set_lpm_set(
+    map: BorrowedFd<'_>,
+    name: &'static str,
+    cidrs: &[(IpAddr, u8)],
+) -> Result<(), MapError> {
     let want: Vec<[u8; 20]> = cidrs.iter().map(|(ip, p)| podnet_key(*ip, *p)).collect();
     for key in &want {
-        sys::map_update(map, key, &1u32.to_ne_bytes(), BPF_ANY)
-            .map_err(on(crate::pin::PODNETS_MAP))?;
+        sys::map_update(map, key, &1u32.to_ne_bytes(), BPF_ANY).map_err(on(name))?;
     }
-    for key in podnet_keys(map)? {
+    for key in lpm_keys(map, name)? {
         if !want.contains(&key) {
-            sys::map_delete(map, &key).map_err(on(crate::pin::PODNETS_MAP))?;
+            sys::map_delete(map, &key).map_err(on(name))?;
         }
     }
     Ok(())

@@ -5,7 +5,9 @@
 //! <bpffs_root>/<version>/from_pod    program pins
 //! <bpffs_root>/<version>/to_pod, from_uplink, to_uplink
 //! <bpffs_root>/<version>/ferrite_endpts, ferrite_ifaces, ferrite_stats, ferrite_stkflow,
-//!                        ferrite_podnets                                   map pins
+//!                        ferrite_podnets, ferrite_eppol, ferrite_polport,
+//!                        ferrite_polpeer, ferrite_hostips, ferrite_svcnets,
+//!                        ferrite_ct                                        map pins
 //! <bpffs_root>/tmp-<version>-<pid>/  a loader's work in progress, renamed to <version> when complete
 //! ```
 //! A version directory is complete once it exists: it appears by `rename(2)`.

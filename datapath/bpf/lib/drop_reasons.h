@@ -31,6 +31,12 @@
 #define DROP_CSUM_ERR -136
 /* A packet from the uplink claims a pod of this node as its source. */
 #define DROP_UPLINK_SPOOF -137
+/* The destination's ingress rules (NetworkPolicy) do not allow the flow. */
+#define DROP_POLICY_INGRESS -138
+/* The source's egress rules (NetworkPolicy) do not allow the flow. */
+#define DROP_POLICY_EGRESS -139
+/* The endpoint's policy is not programmed yet (it starts closed). */
+#define DROP_POLICY_PENDING -140
 
 /* First code, and how many counter slots ferrite_stats reserves for drops. */
 #define DROP_REASON_FIRST DROP_SPOOFED_IP

@@ -37,11 +37,17 @@ fn second_open_or_load_opens_the_pins() {
     assert_eq!(
         pins,
         [
+            "ferrite_ct",
             "ferrite_endpts",
+            "ferrite_eppol",
+            "ferrite_hostips",
             "ferrite_ifaces",
             "ferrite_podnets",
+            "ferrite_polpeer",
+            "ferrite_polport",
             "ferrite_stats",
             "ferrite_stkflow",
+            "ferrite_svcnets",
             "from_pod",
             "to_pod"
         ]

@@ -9,4 +9,5 @@ mod attach;
 mod edges;
 mod load;
 mod maps;
+mod policy;
 mod programs;
