@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod node;
+pub mod policy;
 pub mod routes;
 pub mod sync;
 pub mod uninstall;

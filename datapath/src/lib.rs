@@ -270,7 +270,7 @@ impl Datapath {
         }
     }
 
-    fn open_pin(&self, name: &str) -> Result<OwnedFd, DatapathError> {
+    pub(crate) fn open_pin(&self, name: &str) -> Result<OwnedFd, DatapathError> {
         let path = self.version_dir.join(name);
         Ok(pin::open_pin(&path)?.ok_or_else(|| PinError::Io {
             call: "BPF_OBJ_GET",
@@ -324,6 +324,8 @@ impl Datapath {
             hostips: self.open_pin(policy::HOSTIPS_MAP)?,
             svcnets: self.open_pin(policy::SVCNETS_MAP)?,
             ct: self.open_pin(policy::CT_MAP)?,
+            polns: self.open_pin(policy::POLNS_MAP)?,
+            podids: self.open_pin(policy::PODIDS_MAP)?,
         })
     }
 

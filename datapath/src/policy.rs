@@ -47,6 +47,14 @@ pub(crate) const POLPEER_MAP: &str = "ferrite_polpeer";
 pub(crate) const HOSTIPS_MAP: &str = "ferrite_hostips";
 pub(crate) const SVCNETS_MAP: &str = "ferrite_svcnets";
 pub(crate) const CT_MAP: &str = "ferrite_ct";
+pub(crate) const POLNS_MAP: &str = "ferrite_polns";
+pub(crate) const PODIDS_MAP: &str = "ferrite_podids";
+
+/// Longest namespace name `ferrite_polns` and `ferrite_podids` hold (a DNS
+/// label is at most 63 characters).
+pub const NAMESPACE_LEN: usize = 64;
+/// Longest pod name `ferrite_podids` holds (a DNS subdomain: 253).
+pub const POD_NAME_LEN: usize = 256;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -475,6 +483,80 @@ pub struct PolicyMaps {
     pub(crate) hostips: OwnedFd,
     pub(crate) svcnets: OwnedFd,
     pub(crate) ct: OwnedFd,
+    pub(crate) polns: OwnedFd,
+    pub(crate) podids: OwnedFd,
+}
+
+/// A name in a fixed-size, NUL-padded field; None if it does not fit.
+fn fixed<const N: usize>(name: &str) -> Option<[u8; N]> {
+    let b = name.as_bytes();
+    if b.len() >= N || b.contains(&0) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    out[..b.len()].copy_from_slice(b);
+    Some(out)
+}
+
+fn unfixed(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+impl crate::Datapath {
+    /// What ADD does for policy, before the endpoint is visible: records
+    /// which pod the host veth serves and, in a namespace that has a
+    /// NetworkPolicy (`ferrite_polns`), starts the endpoint pending, so
+    /// nothing passes until the agent has programmed it. Elsewhere it
+    /// clears whatever an earlier veth with this ifindex left. Returns
+    /// whether the endpoint is pending. Opens three pins, nothing more.
+    pub fn start_endpoint_policy(
+        &self,
+        ifindex: u32,
+        pod: Option<(&str, &str)>,
+    ) -> Result<bool, crate::DatapathError> {
+        let polns = self.open_pin(POLNS_MAP)?;
+        let eppol = self.open_pin(EPPOL_MAP)?;
+        let podids = self.open_pin(PODIDS_MAP)?;
+        let key = ifindex.to_ne_bytes();
+        let mut pending = false;
+        let id = pod.and_then(|(ns, name)| {
+            Some((fixed::<NAMESPACE_LEN>(ns)?, fixed::<POD_NAME_LEN>(name)?))
+        });
+        match id {
+            Some((ns, name)) => {
+                let mut v = [0u8; 4];
+                pending = sys::map_lookup(polns.as_fd(), &ns, &mut v).map_err(on(POLNS_MAP))?;
+                let mut id = Vec::with_capacity(NAMESPACE_LEN + POD_NAME_LEN);
+                id.extend_from_slice(&ns);
+                id.extend_from_slice(&name);
+                sys::map_update(podids.as_fd(), &key, &id, BPF_ANY).map_err(on(PODIDS_MAP))?;
+            }
+            None => {
+                sys::map_delete(podids.as_fd(), &key).map_err(on(PODIDS_MAP))?;
+            }
+        }
+        if pending {
+            sys::map_update(
+                eppol.as_fd(),
+                &key,
+                &EndpointPolicy::PENDING.to_bytes(),
+                BPF_ANY,
+            )
+            .map_err(on(EPPOL_MAP))?;
+        } else {
+            sys::map_delete(eppol.as_fd(), &key).map_err(on(EPPOL_MAP))?;
+        }
+        Ok(pending)
+    }
+
+    /// What DEL does for policy: the host veth's policy and pod record go.
+    pub fn forget_endpoint_policy(&self, ifindex: u32) -> Result<(), crate::DatapathError> {
+        let key = ifindex.to_ne_bytes();
+        sys::map_delete(self.open_pin(EPPOL_MAP)?.as_fd(), &key).map_err(on(EPPOL_MAP))?;
+        sys::map_delete(self.open_pin(PODIDS_MAP)?.as_fd(), &key).map_err(on(PODIDS_MAP))?;
+        Ok(())
+    }
 }
 
 fn on(map: &'static str) -> impl FnOnce(sys::SysError) -> MapError {
@@ -634,6 +716,77 @@ impl PolicyMaps {
 
     pub fn service_cidrs(&self) -> Result<Vec<(IpAddr, u8)>, MapError> {
         crate::maps::lpm_set(self.svcnets.as_fd(), SVCNETS_MAP)
+    }
+
+    /// Makes `ferrite_polns` hold exactly `namespaces`; names too long to
+    /// be namespaces are skipped.
+    pub fn set_policy_namespaces(&self, namespaces: &BTreeSet<String>) -> Result<(), MapError> {
+        let want: Vec<[u8; NAMESPACE_LEN]> = namespaces.iter().filter_map(|n| fixed(n)).collect();
+        for k in &want {
+            sys::map_update(self.polns.as_fd(), k, &1u32.to_ne_bytes(), BPF_ANY)
+                .map_err(on(POLNS_MAP))?;
+        }
+        for k in keys::<NAMESPACE_LEN>(&self.polns, POLNS_MAP)? {
+            if !want.contains(&k) {
+                sys::map_delete(self.polns.as_fd(), &k).map_err(on(POLNS_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn policy_namespaces(&self) -> Result<BTreeSet<String>, MapError> {
+        Ok(keys::<NAMESPACE_LEN>(&self.polns, POLNS_MAP)?
+            .iter()
+            .map(|k| unfixed(k))
+            .collect())
+    }
+
+    /// Records which pod host veth `ifindex` serves. Names that do not fit
+    /// are not recorded (the agent then finds the pod by its address).
+    pub fn set_pod_id(&self, ifindex: u32, namespace: &str, name: &str) -> Result<(), MapError> {
+        let (Some(ns), Some(n)) = (
+            fixed::<NAMESPACE_LEN>(namespace),
+            fixed::<POD_NAME_LEN>(name),
+        ) else {
+            return Ok(());
+        };
+        let mut v = Vec::with_capacity(NAMESPACE_LEN + POD_NAME_LEN);
+        v.extend_from_slice(&ns);
+        v.extend_from_slice(&n);
+        sys::map_update(self.podids.as_fd(), &ifindex.to_ne_bytes(), &v, BPF_ANY)
+            .map_err(on(PODIDS_MAP))
+    }
+
+    pub fn remove_pod_id(&self, ifindex: u32) -> Result<bool, MapError> {
+        sys::map_delete(self.podids.as_fd(), &ifindex.to_ne_bytes()).map_err(on(PODIDS_MAP))
+    }
+
+    /// (ifindex, namespace, name) of every recorded host veth.
+    pub fn pod_ids(&self) -> Result<Vec<(u32, String, String)>, MapError> {
+        let mut out = Vec::new();
+        for k in keys::<4>(&self.podids, PODIDS_MAP)? {
+            let mut v = [0u8; NAMESPACE_LEN + POD_NAME_LEN];
+            if sys::map_lookup(self.podids.as_fd(), &k, &mut v).map_err(on(PODIDS_MAP))? {
+                out.push((
+                    u32::from_ne_bytes(k),
+                    unfixed(&v[..NAMESPACE_LEN]),
+                    unfixed(&v[NAMESPACE_LEN..]),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes exactly the entries of rule set `id` (as [`encode`] made them).
+    pub fn remove_rule_set(&self, id: u32, set: &Encoded) -> Result<(), crate::DatapathError> {
+        for e in &set.ports {
+            sys::map_delete(self.polport.as_fd(), &port_key(id, e)).map_err(on(POLPORT_MAP))?;
+        }
+        for e in &set.peers {
+            let key = peer_key(id, e).map_err(crate::DatapathError::from)?;
+            sys::map_delete(self.polpeer.as_fd(), &key).map_err(on(POLPEER_MAP))?;
+        }
+        Ok(())
     }
 
     /// How many flows connection tracking holds (a scan: for counters).

@@ -150,6 +150,47 @@ static __always_inline int policy_exempt(const struct flow_key *key)
 	return 0;
 }
 
+/*
+ * User space only (no program reads them), pinned with the rest:
+ *
+ * ferrite_polns: the namespaces that have a NetworkPolicy (the agent
+ * writes them). ADD starts an endpoint there as pending.
+ *
+ * ferrite_podids: which pod each host veth serves (ADD writes it), so the
+ * agent programs an endpoint as soon as it exists, before the API server
+ * has heard of its address.
+ */
+#define FERRITE_NAMESPACE_LEN 64
+#define FERRITE_POD_NAME_LEN 256
+
+struct namespace_key {
+	char name[FERRITE_NAMESPACE_LEN];
+};
+
+struct pod_id {
+	char namespace[FERRITE_NAMESPACE_LEN];
+	char name[FERRITE_POD_NAME_LEN];
+};
+_Static_assert(sizeof(struct pod_id) == 320, "pod_id size");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct namespace_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrite_polns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, FERRITE_MAX_ENDPOINTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pod_id);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrite_podids SEC(".maps");
+
 static __always_inline struct ep_policy *policy_of(__u32 ifindex)
 {
 	return bpf_map_lookup_elem(&ferrite_eppol, &ifindex);

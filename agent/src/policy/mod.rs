@@ -1,0 +1,8 @@
+// SPDX-License-Identifier: Apache-2.0
+//! NetworkPolicy: the agent's view of Pods, Namespaces and NetworkPolicies
+//! ([`model`]), each local endpoint's rules computed from it ([`compile`]),
+//! and the maps programmed from those rules ([`engine`]).
+
+pub mod compile;
+pub mod engine;
+pub mod model;
