@@ -332,6 +332,19 @@ pub struct CniArgs {
     pub pairs: Vec<(String, String)>,
 }
 
+impl CniArgs {
+    /// (K8S_POD_NAMESPACE, K8S_POD_NAME) when the runtime sent both.
+    pub fn pod(&self) -> Option<(&str, &str)> {
+        let get = |k: &str| {
+            self.pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        Some((get("K8S_POD_NAMESPACE")?, get("K8S_POD_NAME")?))
+    }
+}
+
 fn bad_env(msg: impl Into<String>) -> CniError {
     CniError::new(Code::InvalidEnvironment, msg)
 }

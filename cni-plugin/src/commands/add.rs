@@ -244,6 +244,14 @@ fn setup(
         .map_err(|e| datapath_error("cannot attach the datapath to the host veth", &e))
         .and_then(|()| {
             crate::failpoint::hit("add-attached");
+            // Before the endpoint is visible: in a namespace with policies
+            // it starts closed, and stays so until the agent programs it.
+            let pending = dp
+                .start_endpoint_policy(link.host.index, env.args.pod())
+                .map_err(|e| datapath_error("cannot set the endpoint's policy", &e))?;
+            if pending {
+                log::info!("{host_name}: policy pending until the agent programs it");
+            }
             for ip in ips {
                 dp.upsert_endpoint(*ip, &endpoint).map_err(|e| {
                     let full = dp
@@ -264,6 +272,9 @@ fn setup(
             }
             // The map entry is the last step: it makes the pod complete.
             crate::failpoint::hit("add-mapped");
+            if pending {
+                wake_agent(&conf.state_dir, link.host.index);
+            }
             Ok(())
         });
     if let Err(err) = wired {
@@ -271,6 +282,9 @@ fn setup(
             if let Err(undo) = dp.remove_endpoint(*ip, link.host.index) {
                 log::warn!("rollback: cannot remove endpoint {ip}: {undo}");
             }
+        }
+        if let Err(undo) = dp.forget_endpoint_policy(link.host.index) {
+            log::warn!("rollback: cannot clear the endpoint's policy: {undo}");
         }
         if let Err(undo) = host_nl.link_del(link.host.index) {
             log::warn!("rollback: cannot delete {host_name}: {undo}");
@@ -318,4 +332,21 @@ fn setup(
         link.host.index
     );
     Ok(out)
+}
+
+/// The agent's socket in the state directory: ADD sends it a pending
+/// endpoint's ifindex so that it programs the endpoint at once.
+pub const AGENT_SOCKET: &str = "agent.sock";
+
+/// Tells the agent, if it listens, that an endpoint waits for its policy.
+/// Best effort and never blocking: the agent also finds it on its own.
+fn wake_agent(state_dir: &Path, ifindex: u32) {
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    if sock.set_nonblocking(true).is_ok() {
+        if let Err(e) = sock.send_to(&ifindex.to_ne_bytes(), state_dir.join(AGENT_SOCKET)) {
+            log::debug!("agent not told of ifindex {ifindex}: {e}");
+        }
+    }
 }

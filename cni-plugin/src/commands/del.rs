@@ -43,6 +43,12 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
             };
             dp.remove_endpoint(*ip, ifindex)
                 .map_err(|e| datapath_error("cannot remove the endpoint from the map", &e))?;
+            dp.forget_endpoint_policy(ifindex)
+                .map_err(|e| datapath_error("cannot remove the endpoint's policy", &e))?;
+        }
+        if let Some(l) = &link {
+            dp.forget_endpoint_policy(l.index)
+                .map_err(|e| datapath_error("cannot remove the endpoint's policy", &e))?;
         }
         if let (Some(l), true) = (&link, ips.is_empty()) {
             // No address on record (a half-made pod): whatever points at it.
