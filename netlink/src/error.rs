@@ -60,7 +60,8 @@ impl NetlinkError {
         }
     }
 
-    pub(crate) fn decode(request: &str, detail: impl ToString) -> Self {
+    /// An answer that could not be read, or not the one expected.
+    pub fn decode(request: impl Into<String>, detail: impl ToString) -> Self {
         Self::Decode {
             request: request.into(),
             detail: detail.to_string(),
