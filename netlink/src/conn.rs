@@ -96,18 +96,17 @@ impl<M: Message, T: Transport> Netlink<M, T> {
         what: &str,
         mut each: impl FnMut(&Frame<'_>) -> Result<bool>,
     ) -> Result<()> {
-        if self.buf.len() < RECV_BUF {
-            self.buf.resize(RECV_BUF, 0);
+        if self.buf.capacity() < RECV_BUF {
+            self.buf.reserve(RECV_BUF);
         }
         loop {
-            let n = self
-                .transport
+            self.transport
                 .recv(&mut self.buf)
                 .map_err(|source| NetlinkError::Io {
                     request: what.into(),
                     source,
                 })?;
-            for frame in wire::frames(&self.buf[..n.min(self.buf.len())]) {
+            for frame in wire::frames(&self.buf) {
                 let frame = frame.map_err(|e| NetlinkError::decode(what, e))?;
                 if each(&frame)? {
                     return Ok(());
@@ -255,37 +254,52 @@ fn encode<M: NetlinkSerializable>(out: &mut Vec<u8>, msg: &M, flags: u16, seq: u
     let start = out.len();
     let len = NLMSG_HDRLEN + msg.buffer_len();
     out.resize(start + wire::align(len), 0);
-    let header = &mut out[start..start + NLMSG_HDRLEN];
-    header[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
-    header[4..6].copy_from_slice(&msg.message_type().to_ne_bytes());
-    header[6..8].copy_from_slice(&flags.to_ne_bytes());
-    header[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // Port id 0: the message is for the kernel.
+    header(out, start, len, msg.message_type(), flags, seq);
     msg.serialize(&mut out[start + NLMSG_HDRLEN..start + len]);
 }
 
-/// One request of a [`Batch`].
+/// Writes a message header at `out[start..]`. Port id 0: the message is
+/// for the kernel.
+fn header(out: &mut [u8], start: usize, len: usize, kind: u16, flags: u16, seq: u32) {
+    let h = &mut out[start..start + NLMSG_HDRLEN];
+    h[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    h[4..6].copy_from_slice(&kind.to_ne_bytes());
+    h[6..8].copy_from_slice(&flags.to_ne_bytes());
+    h[8..12].copy_from_slice(&seq.to_ne_bytes());
+    h[12..16].fill(0);
+}
+
+/// One request of a [`Batch`], serialized when made (so a batch holds
+/// bytes, whatever the message type).
 pub struct Request<M> {
     what: String,
-    msg: M,
+    kind: u16,
+    body: Vec<u8>,
     flags: u16,
     ack: bool,
     tolerated: Option<i32>,
+    _message: PhantomData<fn(M) -> M>,
 }
 
-impl<M> Request<M> {
+impl<M: NetlinkSerializable> Request<M> {
     /// `msg` with NLM_F_REQUEST, NLM_F_ACK and `flags`; `what` names it in
     /// an error ("link add veth0").
     pub fn new(what: impl Into<String>, msg: M, flags: u16) -> Self {
+        let mut body = vec![0; msg.buffer_len()];
+        msg.serialize(&mut body);
         Self {
             what: what.into(),
-            msg,
+            kind: msg.message_type(),
+            body,
             flags,
             ack: true,
             tolerated: None,
+            _message: PhantomData,
         }
     }
+}
 
+impl<M> Request<M> {
     /// Without NLM_F_ACK: the kernel answers only if it refuses (the
     /// begin and end markers of an nf_tables batch).
     pub fn without_ack(mut self) -> Self {
@@ -314,7 +328,7 @@ impl<M> Default for Batch<M> {
     }
 }
 
-impl<M: NetlinkSerializable> Batch<M> {
+impl<M> Batch<M> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -340,7 +354,11 @@ impl<M: NetlinkSerializable> Batch<M> {
         for (i, r) in self.requests.iter().enumerate() {
             let seq = first_seq.wrapping_add(i as u32);
             let ack = if r.ack { NLM_F_ACK } else { 0 };
-            encode(out, &r.msg, NLM_F_REQUEST | ack | r.flags, seq);
+            let start = out.len();
+            let len = NLMSG_HDRLEN + r.body.len();
+            out.resize(start + wire::align(len), 0);
+            header(out, start, len, r.kind, NLM_F_REQUEST | ack | r.flags, seq);
+            out[start + NLMSG_HDRLEN..start + len].copy_from_slice(&r.body);
             if r.ack {
                 acked.push((seq, r.what.as_str()));
             }

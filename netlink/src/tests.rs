@@ -26,13 +26,14 @@ impl Transport for Fake {
         Ok(())
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn recv(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
         let d = self
             .replies
             .pop_front()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EAGAIN))?;
-        buf[..d.len()].copy_from_slice(&d);
-        Ok(d.len())
+        buf.clear();
+        buf.extend_from_slice(&d);
+        Ok(())
     }
 }
 
