@@ -475,9 +475,10 @@ class Pod:
 
     def http(self, addr: str, port: int = 8080, path: str = "/cgi-bin/id", timeout: int = 5) -> str:
         """GET http://addr:port/path over busybox nc, the last line of the
-        answer ("<server> <client address>" for /cgi-bin/id); "" when none."""
-        p = self.exec(f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w {timeout} {addr} {port} | tail -n 1",
-                      timeout=timeout + 30)
+        answer ("<server> <client address>" for /cgi-bin/id); "" when none
+        within `timeout` s to connect and as long again to answer."""
+        p = self.exec(f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | timeout {2 * timeout} nc -w {timeout} {addr} {port}"
+                      " | tail -n 1", timeout=2 * timeout + 30)
         return p.stdout.strip()
 
     def ping(self, addr: str, count: int = 3) -> Ping:
