@@ -2,24 +2,23 @@
 //! The agent's settings: flags, each with an environment variable as
 //! fallback (so a DaemonSet can set them from a ConfigMap), then defaults.
 
+//! The agent's command line: `run`, `uninstall` and `version`, and the
+//! settings the first two take. Each setting is a flag with an environment
+//! variable as fallback (so a DaemonSet can set them from a ConfigMap), then
+//! a default. clap parses (and refuses what it does not know); this module
+//! says what each setting means.
+
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{OsStringValueParser, PossibleValuesParser, TypedValueParser};
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnetwork::IpNetwork;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown flag {0}")]
-    UnknownFlag(String),
-    #[error("{flag} needs a value")]
-    MissingValue { flag: String },
-    #[error("{flag}: {value:?} is not {expected}")]
-    BadValue {
-        flag: String,
-        value: String,
-        expected: &'static str,
-    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -51,262 +50,321 @@ pub struct Config {
     pub resync: Duration,
 }
 
+const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ferrite";
+const DEFAULT_PLUGIN_SOURCE: &str = "/opt/ferrite/bin/ferrite";
+const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+const DEFAULT_STATE_DIR: &str = "/var/lib/ferrite";
+const DEFAULT_CNI_LOG_FILE: &str = "/var/log/ferrite/cni.log";
+const DEFAULT_MTU: u32 = 1500;
+const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9965";
+const DEFAULT_RESYNC_SECONDS: u64 = 60;
+
+/// The one variable whose empty value means something: install nothing.
+/// Every other variable set to the empty string (a ConfigMap key left
+/// blank) counts as unset.
+const PLUGIN_SOURCE_ENV: &str = "FERRITE_PLUGIN_SOURCE";
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             node_name: None,
             kubeconfig: None,
-            bpffs_root: "/sys/fs/bpf/ferrite".into(),
-            plugin_source: "/opt/ferrite/bin/ferrite".into(),
-            cni_bin_dir: "/opt/cni/bin".into(),
-            cni_conf_dir: "/etc/cni/net.d".into(),
-            state_dir: "/var/lib/ferrite".into(),
-            cni_log_file: "/var/log/ferrite/cni.log".into(),
-            mtu: 1500,
+            bpffs_root: DEFAULT_BPFFS_ROOT.into(),
+            plugin_source: DEFAULT_PLUGIN_SOURCE.into(),
+            cni_bin_dir: DEFAULT_CNI_BIN_DIR.into(),
+            cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
+            cni_log_file: DEFAULT_CNI_LOG_FILE.into(),
+            mtu: DEFAULT_MTU,
             cluster_cidrs: Vec::new(),
             masquerade: true,
             fast_path: true,
-            metrics_addr: "0.0.0.0:9965".parse().expect("a socket address"),
+            metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address"),
             log_level: log::LevelFilter::Info,
-            resync: Duration::from_secs(60),
+            resync: Duration::from_secs(DEFAULT_RESYNC_SECONDS),
         }
     }
 }
 
-/// One setting: its flag, its environment variable and what it holds.
-struct Setting {
-    flag: &'static str,
-    env: &'static str,
-    help: &'static str,
+/// `ferrite-agent`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrite-agent",
+    about = "ferrite's node agent, run by a DaemonSet on every node",
+    subcommand_required = true,
+    arg_required_else_help = true,
+    // A flag given twice: the last one wins.
+    args_override_self = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-const SETTINGS: &[Setting] = &[
-    Setting {
-        flag: "--node-name",
-        env: "NODE_NAME",
-        help: "this node's name (the downward API's spec.nodeName)",
-    },
-    Setting {
-        flag: "--kubeconfig",
-        env: "KUBECONFIG",
-        help: "a kubeconfig file; default: in-cluster",
-    },
-    Setting {
-        flag: "--bpffs-root",
-        env: "FERRITE_BPFFS_ROOT",
-        help: "where the datapath is pinned [/sys/fs/bpf/ferrite]",
-    },
-    Setting {
-        flag: "--plugin-source",
-        env: "FERRITE_PLUGIN_SOURCE",
-        help: "the CNI binary, or a directory with it (and portmap, loopback); empty: none [/opt/ferrite/bin/ferrite]",
-    },
-    Setting {
-        flag: "--cni-bin-dir",
-        env: "FERRITE_CNI_BIN_DIR",
-        help: "[/opt/cni/bin]",
-    },
-    Setting {
-        flag: "--cni-conf-dir",
-        env: "FERRITE_CNI_CONF_DIR",
-        help: "[/etc/cni/net.d]",
-    },
-    Setting {
-        flag: "--state-dir",
-        env: "FERRITE_STATE_DIR",
-        help: "the plugin's state directory [/var/lib/ferrite]",
-    },
-    Setting {
-        flag: "--cni-log-file",
-        env: "FERRITE_CNI_LOG_FILE",
-        help: "the plugin's log [/var/log/ferrite/cni.log]",
-    },
-    Setting {
-        flag: "--mtu",
-        env: "FERRITE_MTU",
-        help: "pod MTU [1500]",
-    },
-    Setting {
-        flag: "--cluster-cidr",
-        env: "FERRITE_CLUSTER_CIDR",
-        help: "the cluster's pod CIDR; twice for dual stack (env: comma-separated)",
-    },
-    Setting {
-        flag: "--masquerade",
-        env: "FERRITE_MASQUERADE",
-        help: "masquerade traffic leaving the cluster [true]",
-    },
-    Setting {
-        flag: "--fast-path",
-        env: "FERRITE_FAST_PATH",
-        help: "the cross-node eBPF fast path [true]",
-    },
-    Setting {
-        flag: "--metrics-addr",
-        env: "FERRITE_METRICS_ADDR",
-        help: "/healthz, /readyz, /metrics [0.0.0.0:9965]",
-    },
-    Setting {
-        flag: "--metrics-port",
-        env: "FERRITE_METRICS_PORT",
-        help: "the port alone (with the address above)",
-    },
-    Setting {
-        flag: "--log-level",
-        env: "FERRITE_LOG_LEVEL",
-        help: "error, warn, info or debug [info]",
-    },
-    Setting {
-        flag: "--resync-seconds",
-        env: "FERRITE_RESYNC_SECONDS",
-        help: "re-check everything this often [60]",
-    },
-];
-
-/// The flags, for `ferrite-agent help`.
-pub fn usage() -> String {
-    let mut out = String::new();
-    for s in SETTINGS {
-        out.push_str(&format!("  {:<18} {:<24} {}\n", s.flag, s.env, s.help));
-    }
-    out
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Watch Nodes and keep this node's network set up
+    Run,
+    /// Remove everything ferrite put on this node
+    Uninstall,
+    /// Print the versions of the agent and of its datapath
+    Version,
 }
 
-fn parse_bool(flag: &str, value: &str) -> Result<bool, ConfigError> {
+/// The settings of `run` and `uninstall` (global, so they may stand before
+/// or after the subcommand, and `--help` lists them everywhere).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Settings (a flag, else its environment variable, else the default)")]
+pub struct Settings {
+    /// This node's name (the downward API's spec.nodeName); `run` needs it
+    #[arg(long, global = true, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+
+    /// A kubeconfig file; without one, the in-cluster config
+    #[arg(long, global = true, env = "KUBECONFIG", value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Where the datapath is pinned
+    #[arg(long, global = true, env = "FERRITE_BPFFS_ROOT", value_name = "DIR",
+          default_value = DEFAULT_BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+
+    /// The CNI binary to install, or a directory with it (and portmap,
+    /// loopback); empty: install nothing
+    #[arg(long, global = true, env = "FERRITE_PLUGIN_SOURCE", value_name = "PATH",
+          default_value = DEFAULT_PLUGIN_SOURCE,
+          value_parser = OsStringValueParser::new().map(PathBuf::from))]
+    plugin_source: PathBuf,
+
+    /// Where the CNI binaries go
+    #[arg(long, global = true, env = "FERRITE_CNI_BIN_DIR", value_name = "DIR",
+          default_value = DEFAULT_CNI_BIN_DIR)]
+    cni_bin_dir: PathBuf,
+
+    /// Where the conflist goes
+    #[arg(long, global = true, env = "FERRITE_CNI_CONF_DIR", value_name = "DIR",
+          default_value = DEFAULT_CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+
+    /// The plugin's state directory (its stateDir)
+    #[arg(long, global = true, env = "FERRITE_STATE_DIR", value_name = "DIR",
+          default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    /// The plugin's log (its logFile)
+    #[arg(long, global = true, env = "FERRITE_CNI_LOG_FILE", value_name = "FILE",
+          default_value = DEFAULT_CNI_LOG_FILE)]
+    cni_log_file: PathBuf,
+
+    /// Pod MTU
+    #[arg(long, global = true, env = "FERRITE_MTU", value_name = "BYTES",
+          default_value_t = DEFAULT_MTU,
+          value_parser = clap::value_parser!(u32).range(576..=65535))]
+    mtu: u32,
+
+    /// The cluster's pod CIDR; twice for dual stack (the variable:
+    /// comma-separated)
+    #[arg(long, global = true, env = "FERRITE_CLUSTER_CIDR", value_name = "CIDR",
+          value_delimiter = ',', value_parser = parse_cidr)]
+    cluster_cidr: Vec<Option<IpNetwork>>,
+
+    /// Masquerade traffic leaving the cluster (the flag alone: true)
+    #[arg(long, global = true, env = "FERRITE_MASQUERADE", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", default_value = "true",
+          action = ArgAction::Set, value_parser = parse_bool)]
+    masquerade: bool,
+
+    /// The cross-node eBPF fast path (the flag alone: true)
+    #[arg(long, global = true, env = "FERRITE_FAST_PATH", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", default_value = "true",
+          action = ArgAction::Set, value_parser = parse_bool)]
+    fast_path: bool,
+
+    /// Where /healthz, /readyz and /metrics are served
+    #[arg(long, global = true, env = "FERRITE_METRICS_ADDR", value_name = "ADDR:PORT",
+          default_value = DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
+
+    /// The port alone (of the address above)
+    #[arg(long, global = true, env = "FERRITE_METRICS_PORT", value_name = "PORT")]
+    metrics_port: Option<u16>,
+
+    /// How much the agent logs
+    #[arg(long, global = true, env = "FERRITE_LOG_LEVEL", value_name = "LEVEL",
+          default_value = "info",
+          value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug"]).map(level))]
+    log_level: log::LevelFilter,
+
+    /// Re-check everything this often, even when no Node changed
+    #[arg(long, global = true, env = "FERRITE_RESYNC_SECONDS", value_name = "SECONDS",
+          default_value_t = DEFAULT_RESYNC_SECONDS)]
+    resync_seconds: u64,
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
     match value {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        _ => Err(ConfigError::BadValue {
-            flag: flag.into(),
-            value: value.into(),
-            expected: "true or false",
-        }),
+        _ => Err("expected true or false (or 1, 0, yes, no)".into()),
     }
 }
 
-fn parse_cidr(flag: &str, value: &str) -> Result<IpNetwork, ConfigError> {
-    let net: IpNetwork = value.trim().parse().map_err(|_| ConfigError::BadValue {
-        flag: flag.into(),
-        value: value.into(),
-        expected: "a CIDR",
-    })?;
-    Ok(IpNetwork::new(net.network(), net.prefix()).unwrap_or(net))
+/// A CIDR, normalised to its network; an empty piece of a comma-separated
+/// list is none.
+fn parse_cidr(value: &str) -> Result<Option<IpNetwork>, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let net: IpNetwork = value.parse().map_err(|_| "expected a CIDR".to_string())?;
+    Ok(Some(
+        IpNetwork::new(net.network(), net.prefix()).unwrap_or(net),
+    ))
+}
+
+/// One of the values `PossibleValuesParser` allowed.
+fn level(value: String) -> log::LevelFilter {
+    match value.as_str() {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "debug" => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Info,
+    }
+}
+
+impl From<Settings> for Config {
+    fn from(s: Settings) -> Self {
+        let mut metrics_addr = s.metrics_addr;
+        if let Some(port) = s.metrics_port {
+            metrics_addr.set_port(port);
+        }
+        Config {
+            node_name: s.node_name,
+            kubeconfig: s.kubeconfig,
+            bpffs_root: s.bpffs_root,
+            plugin_source: s.plugin_source,
+            cni_bin_dir: s.cni_bin_dir,
+            cni_conf_dir: s.cni_conf_dir,
+            state_dir: s.state_dir,
+            cni_log_file: s.cni_log_file,
+            mtu: s.mtu,
+            cluster_cidrs: s.cluster_cidr.into_iter().flatten().collect(),
+            masquerade: s.masquerade,
+            fast_path: s.fast_path,
+            metrics_addr,
+            log_level: s.log_level,
+            resync: Duration::from_secs(s.resync_seconds.max(1)),
+        }
+    }
+}
+
+/// The agent's and its datapath's versions.
+pub fn version() -> String {
+    format!(
+        "{} (datapath {})",
+        env!("CARGO_PKG_VERSION"),
+        ferrite_datapath::DATAPATH_VERSION
+    )
+}
+
+/// The command line as `ferrite-agent` parses it. clap reads each setting's
+/// environment variable here, when the command is built; one set to the
+/// empty string is dropped then (but for FERRITE_PLUGIN_SOURCE). Help shows
+/// the variables' names, not their values, so it reads the same everywhere.
+pub fn command() -> clap::Command {
+    Cli::command().version(version()).mut_args(|arg| {
+        let arg = arg.hide_env_values(true);
+        let Some(name) = arg.get_env().map(|n| n.to_os_string()) else {
+            return arg;
+        };
+        if name == PLUGIN_SOURCE_ENV || !std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            return arg;
+        }
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        // Without the variable clap no longer names it: keep it in the help.
+        arg.env(None)
+            .help(format!("{help} [env: {}]", name.to_string_lossy()))
+    })
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invocation {
+    Run(Config),
+    Uninstall(Config),
+    Version,
+}
+
+/// Parses `args` (the program's name first) with `command()`. `--help`,
+/// `--version` and every mistake come back as a `clap::Error`, whose
+/// `print()` and `exit_code()` say what to show and how to exit.
+pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    parse_with(command(), args)
+}
+
+fn parse_with<I, T>(mut command: clap::Command, args: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let matches = command
+        .try_get_matches_from_mut(&args)
+        .map_err(|e| name_the_variable(e, &command, &args))?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+    let config = Config::from(cli.settings);
+    Ok(match cli.command {
+        Command::Run => Invocation::Run(config),
+        Command::Uninstall => Invocation::Uninstall(config),
+        Command::Version => Invocation::Version,
+    })
+}
+
+/// A bad value that came from a setting's environment variable (its flag
+/// was not given) gets a tip naming the variable: clap names only the flag.
+fn name_the_variable(
+    mut e: clap::Error,
+    command: &clap::Command,
+    args: &[OsString],
+) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return e;
+    }
+    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    // "--mtu <BYTES>"
+    let flag = invalid.split(' ').next().unwrap_or_default().to_string();
+    let given = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    });
+    let env = command
+        .get_arguments()
+        .find(|a| a.get_long().is_some_and(|l| format!("--{l}") == flag))
+        .and_then(|a| a.get_env());
+    if let (false, Some(env)) = (given, env) {
+        let tip = format!("the value comes from {}", env.to_string_lossy());
+        e.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![tip.into()]),
+        );
+    }
+    e
 }
 
 impl Config {
-    /// Reads `args` (after the subcommand), falling back to `env` for every
-    /// setting no flag gave. `--flag value` and `--flag=value` both work; a
-    /// boolean flag alone means true.
-    pub fn parse(
-        args: &[String],
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let mut given: Vec<(&'static str, String)> = Vec::new();
-        let mut i = 0;
-        while i < args.len() {
-            let arg = &args[i];
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (arg.as_str(), None),
-            };
-            let setting = SETTINGS
-                .iter()
-                .find(|s| s.flag == name)
-                .ok_or_else(|| ConfigError::UnknownFlag(arg.clone()))?;
-            let is_bool = matches!(setting.flag, "--masquerade" | "--fast-path");
-            let value = match inline {
-                Some(v) => v,
-                None if is_bool => match args.get(i + 1) {
-                    Some(next) if parse_bool(name, next).is_ok() => {
-                        i += 1;
-                        next.clone()
-                    }
-                    _ => "true".into(),
-                },
-                None => {
-                    i += 1;
-                    args.get(i)
-                        .cloned()
-                        .ok_or_else(|| ConfigError::MissingValue { flag: name.into() })?
-                }
-            };
-            given.push((setting.flag, value));
-            i += 1;
-        }
-
-        let mut c = Config::default();
-        for s in SETTINGS {
-            let from_flags: Vec<String> = given
-                .iter()
-                .filter(|(f, _)| *f == s.flag)
-                .map(|(_, v)| v.clone())
-                .collect();
-            let values = if !from_flags.is_empty() {
-                from_flags
-            } else {
-                match env(s.env) {
-                    Some(v) if !v.is_empty() || s.flag == "--plugin-source" => vec![v],
-                    _ => continue,
-                }
-            };
-            let last = values.last().cloned().unwrap_or_default();
-            let bad = |expected| ConfigError::BadValue {
-                flag: s.flag.into(),
-                value: last.clone(),
-                expected,
-            };
-            match s.flag {
-                "--node-name" => c.node_name = Some(last.clone()),
-                "--kubeconfig" => c.kubeconfig = Some(last.clone().into()),
-                "--bpffs-root" => c.bpffs_root = last.clone().into(),
-                "--plugin-source" => c.plugin_source = last.clone().into(),
-                "--cni-bin-dir" => c.cni_bin_dir = last.clone().into(),
-                "--cni-conf-dir" => c.cni_conf_dir = last.clone().into(),
-                "--state-dir" => c.state_dir = last.clone().into(),
-                "--cni-log-file" => c.cni_log_file = last.clone().into(),
-                "--mtu" => c.mtu = last.parse().map_err(|_| bad("a number"))?,
-                "--cluster-cidr" => {
-                    c.cluster_cidrs = values
-                        .iter()
-                        .flat_map(|v| v.split(','))
-                        .filter(|v| !v.trim().is_empty())
-                        .map(|v| parse_cidr(s.flag, v))
-                        .collect::<Result<_, _>>()?;
-                }
-                "--masquerade" => c.masquerade = parse_bool(s.flag, &last)?,
-                "--fast-path" => c.fast_path = parse_bool(s.flag, &last)?,
-                "--metrics-addr" => {
-                    c.metrics_addr = last.parse().map_err(|_| bad("an address:port"))?
-                }
-                // After --metrics-addr in SETTINGS: it changes that address's port.
-                "--metrics-port" => c
-                    .metrics_addr
-                    .set_port(last.parse().map_err(|_| bad("a port number"))?),
-                "--log-level" => {
-                    c.log_level = match last.as_str() {
-                        "error" => log::LevelFilter::Error,
-                        "warn" => log::LevelFilter::Warn,
-                        "info" => log::LevelFilter::Info,
-                        "debug" => log::LevelFilter::Debug,
-                        _ => return Err(bad("error, warn, info or debug")),
-                    }
-                }
-                "--resync-seconds" => {
-                    let secs: u64 = last.parse().map_err(|_| bad("a number of seconds"))?;
-                    c.resync = Duration::from_secs(secs.max(1));
-                }
-                _ => unreachable!("every setting is handled"),
-            }
-        }
-        if !(576..=65535).contains(&c.mtu) {
-            return Err(ConfigError::Invalid(format!(
-                "--mtu {} is outside 576..65535",
-                c.mtu
-            )));
-        }
-        Ok(c)
-    }
-
     /// What `run` needs beyond `uninstall`.
     pub fn check_for_run(&self) -> Result<(), ConfigError> {
         match &self.node_name {
@@ -339,20 +397,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use clap::error::ErrorKind;
 
-    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Config::parse(&args, &|k| env.get(k).cloned())
+    /// `run` with `args`, as if no setting's variable were set (the
+    /// variables themselves are tested against the process environment in
+    /// tests/cli.rs).
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let command = command().mut_args(|a| a.env(None));
+        let args = ["ferrite-agent", "run"].iter().chain(args);
+        match parse_with(command, args)? {
+            Invocation::Run(c) => Ok(c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The error's kind and its first line.
+    fn refused(args: &[&str]) -> (ErrorKind, String) {
+        let e = parse(args).expect_err("refused");
+        let text = e.to_string();
+        (
+            e.kind(),
+            text.lines().next().unwrap_or_default().to_string(),
+        )
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        command().debug_assert();
     }
 
     #[test]
     fn defaults() {
-        let c = parse(&[], &[]).unwrap();
+        let c = parse(&[]).unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.metrics_addr.port(), 9965);
         assert!(c.masquerade && c.fast_path);
@@ -364,38 +440,71 @@ mod tests {
     }
 
     #[test]
-    fn flags_win_over_env() {
-        let c = parse(
-            &["--mtu", "1450", "--node-name=n1"],
-            &[
-                ("FERRITE_MTU", "9000"),
-                ("NODE_NAME", "env"),
-                ("FERRITE_CNI_BIN_DIR", "/x"),
-            ],
-        )
+    fn every_flag_spelling() {
+        let c = parse(&[
+            "--node-name=n1",
+            "--kubeconfig",
+            "/k",
+            "--bpffs-root=/b",
+            "--plugin-source",
+            "/p",
+            "--cni-bin-dir=/cb",
+            "--cni-conf-dir",
+            "/cc",
+            "--state-dir=/s",
+            "--cni-log-file",
+            "/l",
+            "--mtu=1450",
+            "--metrics-addr",
+            "127.0.0.1:1",
+            "--log-level=debug",
+            "--resync-seconds",
+            "0",
+        ])
         .unwrap();
-        assert_eq!(c.mtu, 1450);
         assert_eq!(c.node_name.as_deref(), Some("n1"));
-        assert_eq!(c.cni_bin_dir, PathBuf::from("/x"));
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(c.bpffs_root, PathBuf::from("/b"));
+        assert_eq!(c.plugin_source, PathBuf::from("/p"));
+        assert_eq!(c.cni_bin_dir, PathBuf::from("/cb"));
+        assert_eq!(c.cni_conf_dir, PathBuf::from("/cc"));
+        assert_eq!(c.state_dir, PathBuf::from("/s"));
+        assert_eq!(c.cni_log_file, PathBuf::from("/l"));
+        assert_eq!(c.mtu, 1450);
+        assert_eq!(c.metrics_addr, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+        // Never a busy loop.
+        assert_eq!(c.resync, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn settings_stand_before_or_after_the_subcommand_and_the_last_wins() {
+        let command = command().mut_args(|a| a.env(None));
+        let args = [
+            "ferrite-agent",
+            "--mtu",
+            "1400",
+            "uninstall",
+            "--state-dir=/a",
+        ];
+        let Invocation::Uninstall(c) = parse_with(command, args).unwrap() else {
+            panic!("not uninstall")
+        };
+        assert_eq!((c.mtu, c.state_dir), (1400, PathBuf::from("/a")));
+        let c = parse(&["--mtu", "1400", "--mtu=1450"]).unwrap();
+        assert_eq!(c.mtu, 1450);
     }
 
     #[test]
     fn cluster_cidr_twice_or_comma_separated() {
-        let c = parse(
-            &[
-                "--cluster-cidr",
-                "10.244.0.0/16",
-                "--cluster-cidr=fd00:244::/48",
-            ],
-            &[],
-        )
+        let c = parse(&[
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--cluster-cidr=fd00:244::/48",
+        ])
         .unwrap();
         assert_eq!(c.cluster_cidrs.len(), 2);
-        let c = parse(
-            &[],
-            &[("FERRITE_CLUSTER_CIDR", "10.244.0.0/16, fd00:244::/48")],
-        )
-        .unwrap();
+        let c = parse(&["--cluster-cidr", "10.244.0.0/16, fd00:244::/48,"]).unwrap();
         assert_eq!(
             c.cluster_cidrs,
             vec![
@@ -404,135 +513,147 @@ mod tests {
             ]
         );
         // A host address is normalised to its network.
-        let c = parse(&["--cluster-cidr", "10.244.3.4/16"], &[]).unwrap();
+        let c = parse(&["--cluster-cidr", "10.244.3.4/16"]).unwrap();
         assert_eq!(c.cluster_cidrs, vec!["10.244.0.0/16".parse().unwrap()]);
-        assert!(parse(&["--cluster-cidr", "nonsense"], &[]).is_err());
+        assert!(parse(&["--cluster-cidr="])
+            .unwrap()
+            .cluster_cidrs
+            .is_empty());
+        let (kind, line) = refused(&["--cluster-cidr", "nonsense"]);
+        assert_eq!(kind, ErrorKind::ValueValidation);
+        assert!(
+            line.contains("'nonsense'") && line.contains("--cluster-cidr"),
+            "{line}"
+        );
     }
 
     #[test]
     fn booleans() {
-        assert!(!parse(&["--masquerade=false"], &[]).unwrap().masquerade);
-        assert!(!parse(&["--masquerade", "false"], &[]).unwrap().masquerade);
-        let c = parse(&["--fast-path", "--mtu", "1400"], &[]).unwrap();
+        assert!(!parse(&["--masquerade=false"]).unwrap().masquerade);
+        assert!(!parse(&["--masquerade", "false"]).unwrap().masquerade);
+        assert!(!parse(&["--fast-path", "no"]).unwrap().fast_path);
+        assert!(!parse(&["--fast-path=0"]).unwrap().fast_path);
+        // Alone, a boolean flag means true, and does not take the next flag.
+        let c = parse(&["--fast-path", "--mtu", "1400"]).unwrap();
         assert!(c.fast_path);
         assert_eq!(c.mtu, 1400);
         assert!(
-            !parse(&[], &[("FERRITE_FAST_PATH", "false")])
+            parse(&["--masquerade=false", "--masquerade"])
                 .unwrap()
-                .fast_path
+                .masquerade
         );
-        assert!(parse(&["--masquerade=maybe"], &[]).is_err());
+        let (_, line) = refused(&["--masquerade=maybe"]);
+        assert!(
+            line.contains("'maybe'") && line.contains("--masquerade"),
+            "{line}"
+        );
     }
 
     #[test]
     fn errors_name_the_flag() {
-        assert_eq!(
-            parse(&["--nope"], &[]),
-            Err(ConfigError::UnknownFlag("--nope".into()))
+        let (kind, line) = refused(&["--nope"]);
+        assert_eq!(kind, ErrorKind::UnknownArgument);
+        assert!(line.contains("'--nope'"), "{line}");
+        // A misspelt flag is refused with its name, never ignored.
+        let (kind, line) = refused(&["--bpffs-rot", "/x"]);
+        assert_eq!(kind, ErrorKind::UnknownArgument);
+        assert!(line.contains("'--bpffs-rot'"), "{line}");
+        // So is a stray argument.
+        let (kind, line) = refused(&["stray"]);
+        assert_eq!(kind, ErrorKind::UnknownArgument);
+        assert!(line.contains("'stray'"), "{line}");
+        let (kind, line) = refused(&["--mtu"]);
+        assert_eq!(kind, ErrorKind::InvalidValue);
+        assert!(line.contains("--mtu"), "{line}");
+        let (_, line) = refused(&["--mtu", "70000"]);
+        assert!(
+            line.contains("'70000'") && line.contains("576..=65535"),
+            "{line}"
         );
+        let (_, line) = refused(&["--mtu", "many"]);
+        assert!(line.contains("'many'") && line.contains("--mtu"), "{line}");
+        let (_, line) = refused(&["--metrics-addr", "nowhere"]);
+        assert!(line.contains("--metrics-addr"), "{line}");
+        let (_, line) = refused(&["--log-level", "loud"]);
+        assert!(line.contains("--log-level"), "{line}");
+        let (_, line) = refused(&["--resync-seconds", "soon"]);
+        assert!(line.contains("--resync-seconds"), "{line}");
+    }
+
+    #[test]
+    fn no_subcommand_or_an_unknown_one_is_a_usage_error() {
+        let command = || command().mut_args(|a| a.env(None));
+        let e = parse_with(command(), ["ferrite-agent"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = parse_with(command(), ["ferrite-agent", "start"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidSubcommand);
+        assert_eq!(e.exit_code(), 2);
         assert_eq!(
-            parse(&["--mtu"], &[]),
-            Err(ConfigError::MissingValue {
-                flag: "--mtu".into()
-            })
+            parse_with(command(), ["ferrite-agent", "version"]).unwrap(),
+            Invocation::Version
         );
-        assert!(parse(&["--mtu", "70000"], &[]).is_err());
-        assert!(parse(&["--metrics-addr", "nowhere"], &[]).is_err());
+        let e = parse_with(command(), ["ferrite-agent", "--version"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayVersion);
+        assert!(e.to_string().contains(&version()));
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_its_variable() {
+        let help = command().render_help().to_string();
+        let mut n = 0;
+        for arg in command().get_arguments() {
+            let Some(env) = arg.get_env() else { continue };
+            let flag = format!("--{}", arg.get_long().unwrap());
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{flag} ")))
+                .unwrap_or_else(|| panic!("{flag} is not in\n{help}"));
+            // Help text may wrap: the variable is on the flag's line or
+            // the next few.
+            let from = help.find(line).unwrap();
+            let tail: String = help[from..].lines().take(4).collect();
+            assert!(
+                tail.contains(&format!("[env: {}]", env.to_string_lossy())),
+                "{flag}: {tail}"
+            );
+            n += 1;
+        }
+        assert_eq!(n, 16, "every setting has a variable");
     }
 
     #[test]
     fn run_needs_a_node_name_and_cluster_cidr_for_masquerade() {
-        let c = parse(&[], &[]).unwrap();
+        let c = parse(&[]).unwrap();
         assert!(c.check_for_run().is_err());
-        let c = parse(&["--node-name", "n1"], &[]).unwrap();
+        let c = parse(&["--node-name="]).unwrap();
+        assert!(c.check_for_run().is_err());
+        let c = parse(&["--node-name", "n1"]).unwrap();
         assert!(c
             .check_for_run()
             .unwrap_err()
             .to_string()
             .contains("--cluster-cidr"));
-        let c = parse(&["--node-name", "n1", "--masquerade=false"], &[]).unwrap();
+        let c = parse(&["--node-name", "n1", "--masquerade=false"]).unwrap();
         assert!(c.check_for_run().is_ok());
-        let c = parse(
-            &["--node-name", "n1", "--cluster-cidr", "10.244.0.0/16"],
-            &[],
-        )
-        .unwrap();
+        let c = parse(&["--node-name", "n1", "--cluster-cidr", "10.244.0.0/16"]).unwrap();
         assert!(c.check_for_run().is_ok());
     }
 
     #[test]
     fn metrics_port_alone_or_with_an_address() {
-        let c = parse(&[], &[("FERRITE_METRICS_PORT", "9100")]).unwrap();
+        let c = parse(&["--metrics-port", "9100"]).unwrap();
         assert_eq!(c.metrics_addr, "0.0.0.0:9100".parse().unwrap());
-        let c = parse(
-            &["--metrics-addr", "127.0.0.1:1", "--metrics-port", "9101"],
-            &[],
-        )
-        .unwrap();
+        let c = parse(&["--metrics-port", "9101", "--metrics-addr", "127.0.0.1:1"]).unwrap();
         assert_eq!(c.metrics_addr, "127.0.0.1:9101".parse().unwrap());
-        assert!(parse(&["--metrics-port", "http"], &[]).is_err());
-    }
-
-    /// deploy/daemonset.yaml runs the agent: every argument it passes must
-    /// parse, and every environment variable it sets must be one the agent
-    /// reads (a typo there would silently fall back to a default).
-    #[test]
-    fn the_daemonset_speaks_the_agents_flags() {
-        let manifest = include_str!("../../deploy/daemonset.yaml");
-        let mut args = Vec::new();
-        let mut in_args = false;
-        for line in manifest.lines() {
-            let t = line.trim();
-            if t == "args:" {
-                in_args = true;
-                continue;
-            }
-            if in_args {
-                match t.strip_prefix("- ") {
-                    Some(a) => args.push(a.trim_matches('"').to_string()),
-                    None => in_args = false,
-                }
-            }
-        }
-        assert_eq!(args.first().map(String::as_str), Some("run"));
-        let env_names: Vec<&str> = manifest
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("- name: "))
-            .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
-            .collect();
-        assert!(env_names.contains(&"NODE_NAME"));
-        for name in &env_names {
-            assert!(
-                SETTINGS.iter().any(|s| s.env == *name),
-                "the DaemonSet sets {name}, which the agent does not read"
-            );
-        }
-        let values: HashMap<&str, &str> = [
-            ("NODE_NAME", "node-1"),
-            ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16,fd00:10:244::/56"),
-            ("FERRITE_MTU", "1500"),
-            ("FERRITE_MASQUERADE", "true"),
-            ("FERRITE_FAST_PATH", "true"),
-            ("FERRITE_METRICS_PORT", "9965"),
-        ]
-        .into();
-        let args: Vec<String> = args[1..].to_vec();
-        let c = Config::parse(&args, &|k| {
-            env_names
-                .contains(&k)
-                .then(|| values.get(k).map(|v| v.to_string()))
-                .flatten()
-        })
-        .unwrap();
-        c.check_for_run().unwrap();
-        assert_eq!(c.cluster_cidrs.len(), 2);
+        assert!(parse(&["--metrics-port", "http"]).is_err());
+        assert!(parse(&["--metrics-port", "70000"]).is_err());
     }
 
     #[test]
     fn an_empty_plugin_source_installs_nothing() {
-        let c = parse(&["--plugin-source="], &[]).unwrap();
+        let c = parse(&["--plugin-source="]).unwrap();
         assert_eq!(c.plugin_source, PathBuf::new());
-        let c = parse(&[], &[("FERRITE_PLUGIN_SOURCE", "")]).unwrap();
+        let c = parse(&["--plugin-source", ""]).unwrap();
         assert_eq!(c.plugin_source, PathBuf::new());
     }
 }

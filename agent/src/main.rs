@@ -4,8 +4,11 @@
 //! ```text
 //! ferrite-agent run [flags]         watch Nodes, keep this node's network set up
 //! ferrite-agent uninstall [flags]   remove everything ferrite put on this node
-//! ferrite-agent version | help
+//! ferrite-agent version | help [SUBCOMMAND]
 //! ```
+//!
+//! Each setting is a flag or its environment variable (`config.rs`;
+//! `ferrite-agent --help` lists them).
 
 mod logging;
 
@@ -14,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use ferrite_agent::config::{self, Config};
+use ferrite_agent::config::{self, Config, Invocation};
 use ferrite_agent::fastpath::{EbpfFastPath, PinnedDatapath};
 use ferrite_agent::metrics::AgentState;
 use ferrite_agent::sync::{self, NodeAgent};
@@ -30,44 +33,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn usage() -> String {
-    format!(
-        "usage: ferrite-agent run|uninstall [flags]\n       ferrite-agent version\n\nflags (and the environment variables they fall back to):\n{}",
-        config::usage()
-    )
-}
-
 fn run() -> Result<ExitCode> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let env = |k: &str| std::env::var(k).ok();
-    match args.first().map(String::as_str) {
-        Some("run") => {
-            let cfg = Config::parse(&args[1..], &env)?;
-            cfg.check_for_run()?;
+    let invocation = match config::parse(std::env::args_os()) {
+        Ok(invocation) => invocation,
+        // --help and --version too: clap prints them to stdout, mistakes to
+        // stderr, and says how to exit (2 for a usage error).
+        Err(e) => {
+            e.print()?;
+            return Ok(ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2)));
+        }
+    };
+    match invocation {
+        Invocation::Run(cfg) => {
+            if let Err(e) = cfg.check_for_run() {
+                eprintln!("ferrite-agent run: {e}\n\nFor more information, try 'ferrite-agent run --help'.");
+                return Ok(ExitCode::from(2));
+            }
             logging::init(cfg.log_level);
             agent(cfg)
         }
-        Some("uninstall") => {
-            let cfg = Config::parse(&args[1..], &env)?;
+        Invocation::Uninstall(cfg) => {
             logging::init(cfg.log_level);
             uninstall(&cfg)
         }
-        Some("version") | Some("--version") => {
+        Invocation::Version => {
             writeln!(
                 std::io::stdout().lock(),
-                "ferrite-agent {} (datapath {})",
-                env!("CARGO_PKG_VERSION"),
-                ferrite_datapath::DATAPATH_VERSION
+                "ferrite-agent {}",
+                config::version()
             )?;
             Ok(ExitCode::SUCCESS)
-        }
-        Some("help") | Some("--help") | Some("-h") => {
-            write!(std::io::stdout().lock(), "{}", usage())?;
-            Ok(ExitCode::SUCCESS)
-        }
-        _ => {
-            eprint!("{}", usage());
-            Ok(ExitCode::from(2))
         }
     }
 }
@@ -167,8 +162,6 @@ fn uninstall(cfg: &Config) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     /// The TLS stack is rustls with ring: building a client for an https
     /// server must not need a crypto provider installed by hand.
     #[test]
@@ -181,19 +174,5 @@ mod tests {
             let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
             kube::Client::try_from(config).expect("client");
         });
-    }
-
-    #[test]
-    fn usage_lists_every_flag() {
-        let u = usage();
-        for flag in [
-            "--node-name",
-            "--cluster-cidr",
-            "--masquerade",
-            "--fast-path",
-            "--metrics-addr",
-        ] {
-            assert!(u.contains(flag), "{flag}");
-        }
     }
 }

@@ -336,7 +336,7 @@ mod tests {
     }
 
     fn bodies(batch: Batch) -> Vec<(u16, Vec<u8>)> {
-        let (bytes, _) = batch.finish();
+        let (bytes, _) = batch.encode(0);
         let mut out = Vec::new();
         let mut off = 0;
         while off < bytes.len() {
@@ -349,7 +349,7 @@ mod tests {
     }
 
     fn rule_bodies(rules: &[Vec<Expr>]) -> Vec<Vec<u8>> {
-        let mut b = Batch::new(0);
+        let mut b = Batch::new();
         for r in rules {
             b.new_rule(TABLE, CHAIN, r);
         }
@@ -576,7 +576,7 @@ mod tests {
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();
-        let mut b = Batch::new(100);
+        let mut b = Batch::new();
         recreate(&mut b, &spec);
         let kinds: Vec<u16> = bodies(b).iter().map(|(k, _)| *k).collect();
         let (table, del, chain, set, elems, rule) = (2560, 2562, 2563, 2569, 2572, 2566);
@@ -592,7 +592,7 @@ mod tests {
     #[test]
     fn node_ip_update_flushes_and_refills_each_set() {
         let ips: BTreeSet<IpAddr> = ["192.0.2.9".parse().unwrap()].into();
-        let mut b = Batch::new(1);
+        let mut b = Batch::new();
         set_node_ips(&mut b, &ips);
         let msgs = bodies(b);
         let kinds: Vec<u16> = msgs.iter().map(|(k, _)| *k).collect();
@@ -602,7 +602,7 @@ mod tests {
 
     #[test]
     fn remove_never_fails_on_a_missing_table() {
-        let mut b = Batch::new(1);
+        let mut b = Batch::new();
         remove(&mut b);
         let kinds: Vec<u16> = bodies(b).iter().map(|(k, _)| *k).collect();
         assert_eq!(kinds, vec![16, 2560, 2562, 17]);

@@ -27,7 +27,8 @@ fn main() -> ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
         return cni::run();
     }
-    match admin::run(std::env::args().skip(1).collect()) {
+    // Only a person gets here: the admin command line (`admin.rs`).
+    match admin::run(std::env::args_os().skip(1)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferrite: {e:#}");

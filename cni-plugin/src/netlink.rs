@@ -8,10 +8,8 @@
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
-};
+use ferrite_netlink::route::{family, route_ip, RouteNetlink};
+use ferrite_netlink::wire::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -23,38 +21,13 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+pub use ferrite_netlink::{NetlinkError, Result};
 
 /// Routes ferrite installs carry this protocol number, so they can be told
 /// apart from everyone else's (iproute2's rt_protos lists 0-4 and a few
 /// daemons; 0x46 'F' is unassigned).
 pub const FERRITE_ROUTE_PROTOCOL: u8 = 0x46;
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetlinkError {
-    #[error("netlink socket: {0}")]
-    Socket(#[source] std::io::Error),
-    #[error("netlink {request}: {source}")]
-    Request {
-        request: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("netlink {request}: cannot decode reply: {detail}")]
-    Decode { request: String, detail: String },
-}
-
-impl NetlinkError {
-    /// The errno the kernel answered with, if this was a kernel error.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Self::Request { source, .. } => source.raw_os_error(),
-            _ => None,
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, NetlinkError>;
 
 /// A link as the plugin needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,142 +67,23 @@ pub struct Neighbour {
 }
 
 pub struct Netlink {
-    socket: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+    nl: RouteNetlink,
 }
 
 impl Netlink {
     /// A socket in the caller's current network namespace.
     pub fn new() -> Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
-        socket.bind_auto().map_err(NetlinkError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(NetlinkError::Socket)?;
-        // Extended acks give the kernel's text ("Nexthop device is not up").
-        let _ = socket.set_ext_ack(true);
         Ok(Self {
-            socket,
-            seq: 0,
-            buf: vec![0; 64 * 1024],
+            nl: ferrite_netlink::route::open()?,
         })
     }
 
-    /// A socket inside the network namespace `netns`. The socket keeps the
-    /// namespace it was created in, so only its creation runs there, on a
-    /// short-lived thread: the caller's thread never changes namespace.
+    /// A socket inside the network namespace `netns` (opened on a
+    /// short-lived thread: the caller's thread never changes namespace).
     pub fn in_netns(netns: BorrowedFd<'_>) -> Result<Self> {
-        let fd = netns.as_raw_fd();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                // SAFETY: setns on this thread only; the fd outlives the scope.
-                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                    return Err(NetlinkError::Request {
-                        request: "setns(CLONE_NEWNET)".into(),
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
-                Self::new()
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(NetlinkError::Socket(std::io::Error::other(
-                    "namespace thread panicked",
-                )))
-            })
+        Ok(Self {
+            nl: ferrite_netlink::route::open_in_netns(netns)?,
         })
-    }
-
-    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<u32> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        packet.finalize();
-        let mut out = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.socket
-            .send(&out, 0)
-            .map_err(|source| NetlinkError::Request {
-                request: "send".into(),
-                source,
-            })?;
-        Ok(self.seq)
-    }
-
-    /// Sends one request and waits for its ack.
-    fn request(&mut self, what: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
-        let seq = self.send(msg, NLM_F_REQUEST | NLM_F_ACK | flags)?;
-        loop {
-            for msg in self.recv_messages(what, seq)? {
-                if let NetlinkPayload::Error(err) = msg {
-                    return match err.code {
-                        None => Ok(()),
-                        Some(code) => Err(kernel_errno(what, code.get())),
-                    };
-                }
-            }
-        }
-    }
-
-    /// Sends a dump request and collects every inner message.
-    fn dump(&mut self, what: &str, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
-        let seq = self.send(msg, NLM_F_REQUEST | NLM_F_DUMP)?;
-        let mut out = Vec::new();
-        loop {
-            for msg in self.recv_messages(what, seq)? {
-                match msg {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(err) => {
-                        if let Some(code) = err.code {
-                            return Err(kernel_errno(what, code.get()));
-                        }
-                    }
-                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Receives one datagram and returns the payloads of its messages that
-    /// answer `seq`.
-    fn recv_messages(
-        &mut self,
-        what: &str,
-        seq: u32,
-    ) -> Result<Vec<NetlinkPayload<RouteNetlinkMessage>>> {
-        let n = self.recv(what)?;
-        let mut out = Vec::new();
-        let mut offset = 0;
-        while offset < n {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..n])
-                .map_err(|e| NetlinkError::Decode {
-                    request: what.into(),
-                    detail: e.to_string(),
-                })?;
-            let len = msg.header.length as usize;
-            if msg.header.sequence_number == seq {
-                out.push(msg.payload);
-            }
-            if len == 0 {
-                break;
-            }
-            offset += nl_align(len);
-        }
-        Ok(out)
-    }
-
-    fn recv(&mut self, what: &str) -> Result<usize> {
-        let buf = &mut &mut self.buf[..];
-        self.socket
-            .recv(buf, 0)
-            .map_err(|source| NetlinkError::Request {
-                request: what.into(),
-                source,
-            })
     }
 
     /// `ip link add <host> mtu M address A group G type veth peer name <peer> netns <fd> mtu M address B`
@@ -259,7 +113,7 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
             ]),
         ];
-        self.request(
+        self.nl.request(
             &format!("link add {} type veth peer {}", host.name, peer.name),
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
@@ -276,7 +130,7 @@ impl Netlink {
             msg.attributes
                 .push(LinkAttribute::IfAlias(alias.to_string()));
         }
-        self.request(
+        self.nl.request(
             &format!("link set {index} up"),
             RouteNetlinkMessage::SetLink(msg),
             0,
@@ -288,7 +142,7 @@ impl Netlink {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.header.change_mask = LinkFlags::Up;
-        self.request(
+        self.nl.request(
             &format!("link set {index} down"),
             RouteNetlinkMessage::SetLink(msg),
             0,
@@ -299,7 +153,7 @@ impl Netlink {
     pub fn link_del(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
-        self.request(
+        self.nl.request(
             &format!("link del {index}"),
             RouteNetlinkMessage::DelLink(msg),
             0,
@@ -321,35 +175,12 @@ impl Netlink {
     }
 
     fn link_get_one(&mut self, what: String, msg: LinkMessage) -> Result<Option<Link>> {
-        let seq = self.send(RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST)?;
-        loop {
-            let n = self.recv(&what)?;
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[..n]).map_err(
-                |e| NetlinkError::Decode {
-                    request: what.clone(),
-                    detail: e.to_string(),
-                },
-            )?;
-            if msg.header.sequence_number != seq {
-                continue;
-            }
-            return match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    Ok(Some(Link::from_message(&link)))
-                }
-                NetlinkPayload::Error(err) => match err.code.map(|c| -c.get()) {
-                    Some(libc::ENODEV) => Ok(None),
-                    Some(code) => Err(NetlinkError::Request {
-                        request: what,
-                        source: std::io::Error::from_raw_os_error(code),
-                    }),
-                    None => Ok(None),
-                },
-                _ => Err(NetlinkError::Decode {
-                    request: what,
-                    detail: "unexpected reply".into(),
-                }),
-            };
+        match self.nl.get(&what, RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(Some(RouteNetlinkMessage::NewLink(link))) => Ok(Some(Link::from_message(&link))),
+            Ok(None) => Ok(None),
+            Ok(Some(_)) => Err(NetlinkError::decode(what, "unexpected reply")),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -361,34 +192,23 @@ impl Netlink {
         let mut msg = NsidMessage::default();
         msg.attributes
             .push(NsidAttribute::Fd(netns.as_raw_fd() as u32));
-        let what = "netns id";
-        let seq = self.send(RouteNetlinkMessage::GetNsId(msg), NLM_F_REQUEST)?;
-        loop {
-            for payload in self.recv_messages(what, seq)? {
-                match payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
-                        let id = m.attributes.iter().find_map(|a| match a {
-                            NsidAttribute::Id(id) => Some(*id),
-                            _ => None,
-                        });
-                        // -1: NETNSA_NSID_NOT_ASSIGNED.
-                        return Ok(id.filter(|id| *id >= 0));
-                    }
-                    NetlinkPayload::Error(err) => {
-                        return match err.code {
-                            Some(code) => Err(kernel_errno(what, code.get())),
-                            None => Ok(None),
-                        };
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let reply = self
+            .nl
+            .get("netns id", RouteNetlinkMessage::GetNsId(msg), 0)?;
+        let Some(RouteNetlinkMessage::NewNsId(m)) = reply else {
+            return Ok(None);
+        };
+        let id = m.attributes.iter().find_map(|a| match a {
+            NsidAttribute::Id(id) => Some(*id),
+            _ => None,
+        });
+        // -1: NETNSA_NSID_NOT_ASSIGNED.
+        Ok(id.filter(|id| *id >= 0))
     }
 
     /// `ip link show`
     pub fn link_list(&mut self) -> Result<Vec<Link>> {
-        let replies = self.dump(
+        let replies = self.nl.dump(
             "link show",
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
         )?;
@@ -415,7 +235,7 @@ impl Netlink {
         } else {
             msg.attributes.push(AddressAttribute::Address(ip));
         }
-        self.request(
+        self.nl.request(
             &format!("addr add {ip}/{prefix_len} dev {index}"),
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_CREATE | NLM_F_EXCL,
@@ -424,7 +244,7 @@ impl Netlink {
 
     /// `ip addr show dev <index>`: (address, prefix length) pairs.
     pub fn addr_list(&mut self, index: u32) -> Result<Vec<(IpAddr, u8)>> {
-        let replies = self.dump(
+        let replies = self.nl.dump(
             "addr show",
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
         )?;
@@ -470,7 +290,7 @@ impl Netlink {
             msg.header.flags = RouteFlags::Onlink;
         }
         msg.attributes.push(RouteAttribute::Oif(route.oif));
-        self.request(
+        self.nl.request(
             &format!(
                 "route add {}/{} dev {}",
                 route.destination, route.prefix_len, route.oif
@@ -488,7 +308,9 @@ impl Netlink {
         } else {
             AddressFamily::Inet
         };
-        let replies = self.dump("route show", RouteNetlinkMessage::GetRoute(msg))?;
+        let replies = self
+            .nl
+            .dump("route show", RouteNetlinkMessage::GetRoute(msg))?;
         let mut out = Vec::new();
         for m in replies {
             let RouteNetlinkMessage::NewRoute(r) = m else {
@@ -528,10 +350,10 @@ impl Netlink {
             .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        self.request(
+        self.nl.request(
             &format!("neigh add {ip} dev {index}"),
             RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_CREATE | libc::NLM_F_REPLACE as u16,
+            NLM_F_CREATE | NLM_F_REPLACE,
         )
     }
 
@@ -540,7 +362,9 @@ impl Netlink {
         use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
         let mut msg = TcMessage::default();
         msg.header.index = index as i32;
-        let replies = self.dump("qdisc show", RouteNetlinkMessage::GetQueueDiscipline(msg))?;
+        let replies = self
+            .nl
+            .dump("qdisc show", RouteNetlinkMessage::GetQueueDiscipline(msg))?;
         let mut out = Vec::new();
         for m in replies {
             let RouteNetlinkMessage::NewQueueDiscipline(q) = m else {
@@ -560,7 +384,7 @@ impl Netlink {
 
     /// `ip neigh show dev <index>`
     pub fn neigh_list(&mut self, index: u32) -> Result<Vec<Neighbour>> {
-        let replies = self.dump(
+        let replies = self.nl.dump(
             "neigh show",
             RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
         )?;
@@ -656,34 +480,6 @@ impl Link {
     }
 }
 
-fn family(ip: IpAddr) -> AddressFamily {
-    if ip.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    }
-}
-
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
-}
-
-/// The kernel's negative errno in an NLMSG_ERROR, as an error naming the request.
-fn kernel_errno(what: &str, negative: i32) -> NetlinkError {
-    NetlinkError::Request {
-        request: what.into(),
-        source: std::io::Error::from_raw_os_error(-negative),
-    }
-}
-
-fn nl_align(len: usize) -> usize {
-    (len + 3) & !3
-}
-
 // ---------------------------------------------------------------------------
 // Queueing disciplines, for the bandwidth capability (see bandwidth.rs).
 // netlink-packet-route has no typed TBF options, so the caller passes the
@@ -713,7 +509,7 @@ impl Netlink {
                 .map(|(t, v)| TcOption::Other(DefaultNla::new(t, v)))
                 .collect(),
         ));
-        self.request(
+        self.nl.request(
             &format!("RTM_NEWQDISC {kind} root dev {index}"),
             RouteNetlinkMessage::NewQueueDiscipline(msg),
             NLM_F_CREATE | NLM_F_EXCL,
