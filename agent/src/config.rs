@@ -1,7 +1,4 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The agent's settings: flags, each with an environment variable as
-//! fallback (so a DaemonSet can set them from a ConfigMap), then defaults.
-
 //! The agent's command line: `run`, `uninstall` and `version`, and the
 //! settings the first two take. Each setting is a flag with an environment
 //! variable as fallback (so a DaemonSet can set them from a ConfigMap), then
@@ -42,6 +39,11 @@ pub struct Config {
     pub cni_log_file: PathBuf,
     pub mtu: u32,
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// The cluster's Service CIDRs (kube-apiserver's
+    /// --service-cluster-ip-range).
+    pub service_cidrs: Vec<IpNetwork>,
+    /// Enforce NetworkPolicy (watch Pods, Namespaces, NetworkPolicies).
+    pub network_policy: bool,
     pub masquerade: bool,
     pub fast_path: bool,
     pub metrics_addr: SocketAddr,
@@ -78,6 +80,8 @@ impl Default for Config {
             cni_log_file: DEFAULT_CNI_LOG_FILE.into(),
             mtu: DEFAULT_MTU,
             cluster_cidrs: Vec::new(),
+            service_cidrs: Vec::new(),
+            network_policy: true,
             masquerade: true,
             fast_path: true,
             metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address"),
@@ -171,6 +175,20 @@ pub struct Settings {
           value_delimiter = ',', value_parser = parse_cidr)]
     cluster_cidr: Vec<Option<IpNetwork>>,
 
+    /// The cluster's Service CIDR (kube-apiserver's
+    /// --service-cluster-ip-range); twice for dual stack (the variable:
+    /// comma-separated). Egress policy to a Service is checked against the
+    /// backend it is translated to
+    #[arg(long, global = true, env = "FERRITE_SERVICE_CIDR", value_name = "CIDR",
+          value_delimiter = ',', value_parser = parse_cidr)]
+    service_cidr: Vec<Option<IpNetwork>>,
+
+    /// Enforce NetworkPolicy (the flag alone: true)
+    #[arg(long, global = true, env = "FERRITE_NETWORK_POLICY", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", default_value = "true",
+          action = ArgAction::Set, value_parser = parse_bool)]
+    network_policy: bool,
+
     /// Masquerade traffic leaving the cluster (the flag alone: true)
     #[arg(long, global = true, env = "FERRITE_MASQUERADE", value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true", default_value = "true",
@@ -252,6 +270,8 @@ impl From<Settings> for Config {
             cni_log_file: s.cni_log_file,
             mtu: s.mtu,
             cluster_cidrs: s.cluster_cidr.into_iter().flatten().collect(),
+            service_cidrs: s.service_cidr.into_iter().flatten().collect(),
+            network_policy: s.network_policy,
             masquerade: s.masquerade,
             fast_path: s.fast_path,
             metrics_addr,

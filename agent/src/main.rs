@@ -21,7 +21,7 @@ use ferrite_agent::config::{self, Config, Invocation};
 use ferrite_agent::fastpath::{EbpfFastPath, PinnedDatapath};
 use ferrite_agent::metrics::AgentState;
 use ferrite_agent::sync::{self, NodeAgent};
-use ferrite_agent::{http, watch};
+use ferrite_agent::{http, policy, watch};
 
 fn main() -> ExitCode {
     match run() {
@@ -78,6 +78,12 @@ fn agent(cfg: Config) -> Result<ExitCode> {
     let (updates, snapshots) = std::sync::mpsc::channel();
     let node_agent = NodeAgent::new(cfg.clone(), state.clone(), Box::new(EbpfFastPath));
     let resync = cfg.resync;
+    let policy_updates = if cfg.network_policy {
+        Some(start_policy(&cfg, &state)?)
+    } else {
+        log::info!("NetworkPolicy not enforced (--network-policy=false)");
+        None
+    };
     let worker = std::thread::Builder::new()
         .name("ferrite-sync".into())
         .spawn(move || sync::sync_loop(node_agent, snapshots, resync))
@@ -97,6 +103,13 @@ fn agent(cfg: Config) -> Result<ExitCode> {
         let server = tokio::spawn(http::serve(listener, state.clone()));
 
         let client = kube_client(&cfg).await?;
+        if let Some(tx) = policy_updates {
+            tokio::spawn(policy::watch::watch_policy_inputs(
+                client.clone(),
+                tx,
+                state.clone(),
+            ));
+        }
         let watch = tokio::spawn(watch::watch_nodes(client, updates, state.clone()));
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -113,6 +126,40 @@ fn agent(cfg: Config) -> Result<ExitCode> {
     // is idempotent, so the next start finishes whatever this one began.
     drop(worker);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the policy thread and the listener for ADD's reports; returns
+/// where the watches send their updates.
+fn start_policy(
+    cfg: &Config,
+    state: &Arc<AgentState>,
+) -> Result<std::sync::mpsc::Sender<policy::watch::Update>> {
+    let settings = policy::run::PolicySettings {
+        node_name: cfg.node_name.clone().unwrap_or_default(),
+        bpffs_root: cfg.bpffs_root.clone(),
+        service_cidrs: cfg
+            .service_cidrs
+            .iter()
+            .map(|n| (n.network(), n.prefix()))
+            .collect(),
+        resync: cfg.resync,
+    };
+    if settings.service_cidrs.is_empty() {
+        log::warn!("no --service-cidr: egress policy to a Service address is checked against that address, not its backend");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    policy::run::listen_for_adds(&cfg.state_dir, tx.clone()).with_context(|| {
+        format!(
+            "listening on {}",
+            cfg.state_dir.join(policy::run::AGENT_SOCKET).display()
+        )
+    })?;
+    let pl = policy::run::PolicyLoop::new(settings, state.clone());
+    std::thread::Builder::new()
+        .name("ferrite-policy".into())
+        .spawn(move || policy::run::policy_loop(pl, rx))
+        .context("starting the policy thread")?;
+    Ok(tx)
 }
 
 async fn kube_client(cfg: &Config) -> Result<kube::Client> {

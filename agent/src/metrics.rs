@@ -2,7 +2,7 @@
 //! What the agent knows about itself, shared between its threads, and its
 //! rendering as Prometheus text (exposition format 0.0.4).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +41,52 @@ pub struct AgentState {
     pub sync_errors: AtomicU64,
     pub metrics_read_errors: AtomicU64,
     counters: Mutex<Option<Arc<dyn EndpointCounters>>>,
+    policy: Mutex<PolicyStatus>,
+}
+
+/// Cumulative buckets, Prometheus style: upper bounds in seconds.
+const ADD_TO_PROGRAMMED_BUCKETS: [f64; 10] =
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// A Prometheus histogram of the time from ADD to an endpoint programmed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations at or below each of `ADD_TO_PROGRAMMED_BUCKETS`.
+    pub buckets: [u64; 10],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (n, le) in self.buckets.iter_mut().zip(ADD_TO_PROGRAMMED_BUCKETS) {
+            if seconds <= le {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// What the policy thread last reported.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyStatus {
+    /// The policy thread ran one sync since the agent started.
+    pub synced: bool,
+    pub syncs: u64,
+    pub sync_errors: u64,
+    /// Endpoints with a policy entry the agent wrote.
+    pub programmed: u64,
+    /// Endpoints still waiting for their pod in the view.
+    pub pending: u64,
+    pub rule_sets: u64,
+    /// Policies the datapath cannot express ("namespace/name: why"): the
+    /// pods they select fail closed.
+    pub failed: BTreeSet<String>,
+    pub conntrack_entries: u64,
+    pub last_sync_micros: u64,
+    pub add_to_programmed: Histogram,
 }
 
 impl AgentState {
@@ -51,6 +97,24 @@ impl AgentState {
     /// Where per-endpoint counters come from, once the datapath is loaded.
     pub fn set_counters(&self, counters: Arc<dyn EndpointCounters>) {
         *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(counters);
+    }
+
+    pub fn policy_status(&self) -> PolicyStatus {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_policy_status(&self, status: PolicyStatus) {
+        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    pub fn policy_sync_failed(&self) {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync_errors += 1;
     }
 
     fn counters(&self) -> Option<Arc<dyn EndpointCounters>> {
@@ -79,12 +143,13 @@ impl AgentState {
             api_errors: self.api_errors.load(Ordering::Relaxed),
             sync_errors: self.sync_errors.load(Ordering::Relaxed),
             metrics_read_errors: self.metrics_read_errors.load(Ordering::Relaxed),
+            policy: self.policy_status(),
         }
     }
 }
 
 /// The agent's own numbers at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StateSnapshot {
     pub ready: bool,
     pub conflist_written: bool,
@@ -94,6 +159,7 @@ pub struct StateSnapshot {
     pub api_errors: u64,
     pub sync_errors: u64,
     pub metrics_read_errors: u64,
+    pub policy: PolicyStatus,
 }
 
 /// One pod (host veth) with its addresses and counters.
@@ -181,6 +247,7 @@ pub fn render(state: &StateSnapshot, endpoints: Option<&[EndpointSample]>) -> St
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {value}");
     }
+    render_policy(&mut out, &state.policy);
     let Some(endpoints) = endpoints else {
         return out;
     };
@@ -265,6 +332,91 @@ pub fn render(state: &StateSnapshot, endpoints: Option<&[EndpointSample]>) -> St
         }
     }
     out
+}
+
+fn render_policy(out: &mut String, p: &PolicyStatus) {
+    if !p.synced {
+        return;
+    }
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "ferrite_policy_endpoints_programmed",
+            "Local endpoints isolated by a NetworkPolicy, with their rules in the maps.",
+            p.programmed,
+        ),
+        (
+            "ferrite_policy_endpoints_pending",
+            "Local endpoints still dropping everything while their policy is computed.",
+            p.pending,
+        ),
+        (
+            "ferrite_policy_rule_sets",
+            "Distinct rule sets in the maps (endpoints with the same rules share one).",
+            p.rule_sets,
+        ),
+        (
+            "ferrite_policy_conntrack_entries",
+            "Flows in the connection-tracking table.",
+            p.conntrack_entries,
+        ),
+        (
+            "ferrite_policy_last_sync_microseconds",
+            "How long the last policy sync took.",
+            p.last_sync_micros,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    for (name, help, value) in [
+        ("ferrite_policy_syncs_total", "Policy syncs run.", p.syncs),
+        (
+            "ferrite_policy_sync_errors_total",
+            "Policy syncs that failed (retried).",
+            p.sync_errors,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let name = "ferrite_policy_failed";
+    header(
+        out,
+        name,
+        "gauge",
+        "NetworkPolicies the datapath cannot express: the pods they select fail closed.",
+    );
+    for f in &p.failed {
+        let (policy, why) = f.split_once(": ").unwrap_or((f, ""));
+        let _ = writeln!(
+            out,
+            "{name}{{policy=\"{}\",reason=\"{}\"}} 1",
+            escape(policy),
+            escape(why)
+        );
+    }
+    let name = "ferrite_policy_add_to_programmed_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "From ADD starting an endpoint policy-pending to its rules in the maps.",
+    );
+    let h = &p.add_to_programmed;
+    for (n, le) in h.buckets.iter().zip(ADD_TO_PROGRAMMED_BUCKETS) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+/// A label value as the text format wants it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn labels(e: &EndpointSample) -> String {

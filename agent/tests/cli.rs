@@ -70,6 +70,8 @@ fn every_setting_has_its_variable() {
             ("FERRITE_CNI_LOG_FILE", "/l"),
             ("FERRITE_MTU", "1450"),
             ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16, fd00:244::/48"),
+            ("FERRITE_SERVICE_CIDR", "10.96.0.0/16,fd00:96::/108"),
+            ("FERRITE_NETWORK_POLICY", "false"),
             ("FERRITE_MASQUERADE", "no"),
             ("FERRITE_FAST_PATH", "false"),
             ("FERRITE_METRICS_ADDR", "127.0.0.1:1"),
@@ -96,6 +98,11 @@ fn every_setting_has_its_variable() {
                 "10.244.0.0/16".parse().unwrap(),
                 "fd00:244::/48".parse().unwrap()
             ],
+            service_cidrs: vec![
+                "10.96.0.0/16".parse().unwrap(),
+                "fd00:96::/108".parse().unwrap()
+            ],
+            network_policy: false,
             masquerade: false,
             fast_path: false,
             metrics_addr: "127.0.0.1:9100".parse().unwrap(),
@@ -103,7 +110,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 16);
+    assert_eq!(variables().len(), 18);
 }
 
 #[test]

@@ -249,6 +249,7 @@ fn setup(
             let pending = dp
                 .start_endpoint_policy(link.host.index, env.args.pod())
                 .map_err(|e| datapath_error("cannot set the endpoint's policy", &e))?;
+            let pending_since = pending.then(monotonic_ns);
             if pending {
                 log::info!("{host_name}: policy pending until the agent programs it");
             }
@@ -272,8 +273,8 @@ fn setup(
             }
             // The map entry is the last step: it makes the pod complete.
             crate::failpoint::hit("add-mapped");
-            if pending {
-                wake_agent(&conf.state_dir, link.host.index);
+            if let Some(since) = pending_since {
+                wake_agent(&conf.state_dir, link.host.index, since);
             }
             Ok(())
         });
@@ -338,14 +339,30 @@ fn setup(
 /// endpoint's ifindex so that it programs the endpoint at once.
 pub const AGENT_SOCKET: &str = "agent.sock";
 
+/// CLOCK_MONOTONIC in nanoseconds (the agent reads the same clock).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Tells the agent, if it listens, that an endpoint waits for its policy.
 /// Best effort and never blocking: the agent also finds it on its own.
-fn wake_agent(state_dir: &Path, ifindex: u32) {
+fn wake_agent(state_dir: &Path, ifindex: u32, since: u64) {
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
         return;
     };
     if sock.set_nonblocking(true).is_ok() {
-        if let Err(e) = sock.send_to(&ifindex.to_ne_bytes(), state_dir.join(AGENT_SOCKET)) {
+        // The host veth, then when it started pending: the agent measures
+        // the time from then to the endpoint programmed.
+        let mut report = [0u8; 12];
+        report[..4].copy_from_slice(&ifindex.to_ne_bytes());
+        report[4..].copy_from_slice(&since.to_ne_bytes());
+        if let Err(e) = sock.send_to(&report, state_dir.join(AGENT_SOCKET)) {
             log::debug!("agent not told of ifindex {ifindex}: {e}");
         }
     }
