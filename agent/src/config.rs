@@ -638,7 +638,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 16, "every setting has a variable");
+        assert_eq!(n, 18, "every setting has a variable");
     }
 
     #[test]

@@ -222,6 +222,8 @@ fn the_daemonset_speaks_the_agents_flags() {
     let values: HashMap<&str, &str> = [
         ("NODE_NAME", "node-1"),
         ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16,fd00:10:244::/56"),
+        ("FERRITE_SERVICE_CIDR", "10.96.0.0/16"),
+        ("FERRITE_NETWORK_POLICY", "true"),
         ("FERRITE_MTU", "1500"),
         ("FERRITE_MASQUERADE", "true"),
         ("FERRITE_FAST_PATH", "true"),
@@ -233,6 +235,8 @@ fn the_daemonset_speaks_the_agents_flags() {
     let c = run_with(&vars, &args).unwrap();
     c.check_for_run().unwrap();
     assert_eq!(c.cluster_cidrs.len(), 2);
+    assert_eq!(c.service_cidrs.len(), 1);
+    assert!(c.network_policy);
     assert_eq!(c.plugin_source, PathBuf::from("/opt/ferrite/bin"));
 }
 

@@ -27,6 +27,7 @@ pub enum Topic {
     DatapathUplink,
     DatapathUplinkOff,
     Stats,
+    Policy,
     Repair,
     Failpoints,
     Allocations,
@@ -52,12 +53,13 @@ const BPFFS_ROOT: (&str, &str) = (
 );
 
 impl Topic {
-    const ALL: [Topic; 8] = [
+    const ALL: [Topic; 9] = [
         Topic::Version,
         Topic::DatapathLoad,
         Topic::DatapathUplink,
         Topic::DatapathUplinkOff,
         Topic::Stats,
+        Topic::Policy,
         Topic::Repair,
         Topic::Failpoints,
         Topic::Allocations,
@@ -100,6 +102,12 @@ impl Topic {
                 words: "stats",
                 synopsis: "[--bpffs-root DIR]",
                 about: "per-endpoint counters from the pinned maps",
+                flags: &[BPFFS_ROOT],
+            },
+            Topic::Policy => Help {
+                words: "policy",
+                synopsis: "[--bpffs-root DIR]",
+                about: "each endpoint's NetworkPolicy rules as the pinned maps hold them",
                 flags: &[BPFFS_ROOT],
             },
             Topic::Repair => Help {
@@ -204,6 +212,9 @@ pub enum Command {
         bpffs_root: PathBuf,
     },
     Stats {
+        bpffs_root: PathBuf,
+    },
+    Policy {
         bpffs_root: PathBuf,
     },
     Repair {
@@ -356,6 +367,9 @@ fn parse_inner(mut parser: lexopt::Parser) -> Result<Command, Stop> {
             bpffs_root: bpffs_root_only(&mut args)?,
         }),
         Topic::Stats => Ok(Command::Stats {
+            bpffs_root: bpffs_root_only(&mut args)?,
+        }),
+        Topic::Policy => Ok(Command::Policy {
             bpffs_root: bpffs_root_only(&mut args)?,
         }),
         Topic::DatapathUplink | Topic::DatapathUplinkOff => uplink(&mut args),
@@ -636,6 +650,14 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 )?;
             }
         }
+        Command::Policy { bpffs_root: root } => {
+            let Some(dp) = ferrite_datapath::Datapath::open(&root)
+                .with_context(|| format!("opening the datapath under {}", root.display()))?
+            else {
+                bail!("no datapath pinned under {}", root.display());
+            };
+            crate::policy_view::write(&dp, &mut out)?;
+        }
         Command::Allocations { network, state_dir } => {
             let store = ferrite_ipam::Store::open(&state_dir, &network)?;
             for (ip, owner) in store.read()?.records() {
@@ -702,6 +724,12 @@ mod tests {
         assert_eq!(
             parse_words("stats --bpffs-root /b").unwrap(),
             Command::Stats {
+                bpffs_root: "/b".into()
+            }
+        );
+        assert_eq!(
+            parse_words("policy --bpffs-root /b").unwrap(),
+            Command::Policy {
                 bpffs_root: "/b".into()
             }
         );

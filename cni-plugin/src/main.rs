@@ -16,6 +16,7 @@ mod logging;
 mod naming;
 mod netlink;
 mod plugin;
+mod policy_view;
 mod repair;
 mod result;
 mod version;

@@ -810,6 +810,92 @@ impl From<PolicyError> for crate::DatapathError {
     }
 }
 
+/// One rule of an encoded set, read back for the operator: the peers it
+/// admits (with the excepted prefixes inside them) and its ports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleText {
+    pub peers: Vec<String>,
+    pub except: Vec<String>,
+    pub ports: Vec<String>,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        n => format!("proto{n}"),
+    }
+}
+
+fn port_text(e: &PortEntry) -> String {
+    let Some(proto) = e.proto else {
+        return "any".into();
+    };
+    if e.port_bits == 0 {
+        return format!("{}/*", proto_name(proto));
+    }
+    let host = 16 - u32::from(e.port_bits);
+    let first = if host >= 16 {
+        0
+    } else {
+        (e.port >> host) << host
+    };
+    let last = first | ((1u32 << host) - 1) as u16;
+    if first == last {
+        format!("{}/{first}", proto_name(proto))
+    } else {
+        format!("{}/{first}-{last}", proto_name(proto))
+    }
+}
+
+fn contains(outer: &PeerEntry, inner: &PeerEntry) -> bool {
+    let (Ok(o), Ok(i)) = (
+        Prefix::of(outer.addr, outer.prefix),
+        Prefix::of(inner.addr, inner.prefix),
+    ) else {
+        return false;
+    };
+    i.len > o.len && (o.len == 0 || (o.bits ^ i.bits) >> (128 - u32::from(o.len)) == 0)
+}
+
+/// The rules of an encoded set, in rule order, as the tries hold them.
+pub fn describe(set: &Encoded) -> Vec<RuleText> {
+    let mut out = Vec::new();
+    for word in 0..set.words {
+        let word = word as u8;
+        for bit in 0..64 {
+            let has = |rules: u64| rules & (1u64 << bit) != 0;
+            let peers: Vec<&PeerEntry> = set
+                .peers
+                .iter()
+                .filter(|e| e.word == word && has(e.rules))
+                .collect();
+            let ports: Vec<&PortEntry> = set
+                .ports
+                .iter()
+                .filter(|e| e.word == word && has(e.rules))
+                .collect();
+            if peers.is_empty() && ports.is_empty() {
+                continue;
+            }
+            let except = set
+                .peers
+                .iter()
+                .filter(|e| e.word == word && !has(e.rules))
+                .filter(|e| peers.iter().any(|p| contains(p, e)))
+                .map(peer_text)
+                .collect();
+            out.push(RuleText {
+                peers: peers.into_iter().map(peer_text).collect(),
+                except,
+                ports: ports.into_iter().map(port_text).collect(),
+            });
+        }
+    }
+    out
+}
+
 /// An IPv6 address's text, or IPv4's: for the operator's view.
 pub fn peer_text(e: &PeerEntry) -> String {
     match e.addr {
@@ -1031,5 +1117,25 @@ mod tests {
             .and_then(|l| l.split_whitespace().nth(2))
             .and_then(|v| v.parse::<usize>().ok());
         assert_eq!(words, Some(MAX_WORDS));
+    }
+
+    #[test]
+    fn described_as_written() {
+        let rules = vec![Rule {
+            peers: Peers::Some(vec![
+                Cidr::host(ip("10.0.0.7")),
+                Cidr {
+                    addr: ip("10.1.0.0"),
+                    prefix: 16,
+                    except: vec![(ip("10.1.2.3"), 32)],
+                },
+            ]),
+            ports: Ports::Some(vec![tcp(80, 80), tcp(8000, 8003)]),
+        }];
+        let d = describe(&encode(&rules).unwrap());
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].peers, ["10.0.0.7/32", "10.1.0.0/16"]);
+        assert_eq!(d[0].except, ["10.1.2.3/32"]);
+        assert_eq!(d[0].ports, ["tcp/80", "tcp/8000-8003"]);
     }
 }

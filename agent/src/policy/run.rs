@@ -427,7 +427,10 @@ mod tests {
             name: "x".into(),
             labels: Default::default(),
         })));
-        assert!(!pl.sync(true).unwrap(), "namespaces only changed, never listed");
+        assert!(
+            !pl.sync(true).unwrap(),
+            "namespaces only changed, never listed"
+        );
         pl.apply(Update::Namespaces(Delta::Listed(vec![])));
         pl.apply(Update::Pods(Delta::Deleted("x".into(), "a".into())));
         assert_eq!(pl.view.pods.len(), 1);

@@ -41,7 +41,10 @@ pub enum Update {
     Policies(Delta<PolicyInfo>),
     /// ADD made an endpoint that waits for its policy: host veth, and
     /// CLOCK_MONOTONIC nanoseconds when it started waiting (0: unknown).
-    Pending { ifindex: u32, since_ns: u64 },
+    Pending {
+        ifindex: u32,
+        since_ns: u64,
+    },
 }
 
 /// Turns watch events into deltas, buffering a list until it is whole.
@@ -90,7 +93,12 @@ async fn watch_kind<K, T>(
     updates: Sender<Update>,
     state: Arc<AgentState>,
 ) where
-    K: Resource + Clone + std::fmt::Debug + k8s_openapi::serde::de::DeserializeOwned + Send + 'static,
+    K: Resource
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + Send
+        + 'static,
 {
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()

@@ -122,6 +122,7 @@ static __always_inline int flow_ports(struct __sk_buff *skb,
 	switch (key->proto) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
 		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
 			return FLOW_MALFORMED;
 		key->sport = ports[0];
@@ -197,7 +198,7 @@ static __always_inline int flow_of_icmp_error(struct __sk_buff *skb,
 		/* A quoted extension header: not walked, the stack decides. */
 		key->proto = in.nexthdr;
 		if (in.nexthdr != IPPROTO_TCP && in.nexthdr != IPPROTO_UDP &&
-		    in.nexthdr != IPPROTO_ICMPV6)
+		    in.nexthdr != IPPROTO_SCTP && in.nexthdr != IPPROTO_ICMPV6)
 			return FLOW_OTHER;
 		off += sizeof(in);
 	}

@@ -130,6 +130,8 @@ fn isolate(t: &Loaded, pod: &Pod, ingress: Option<&[Rule]>, egress: Option<&[Rul
         .unwrap();
 }
 
+const IPPROTO_SCTP: u8 = 132;
+
 fn tcp_port(port: u16) -> Ports {
     Ports::Some(vec![PortRange {
         proto: IPPROTO_TCP,
@@ -263,6 +265,19 @@ fn ingress_rules_judge_a_flows_first_packet() {
             assert_eq!(run(&t, Program::FromPod, &out, b.ifindex), TC_ACT_REDIRECT);
             let free = sent(&c, a.ip, IPPROTO_TCP, &tcp(1, 2));
             assert_eq!(run(&t, Program::FromPod, &free, c.ifindex), TC_ACT_REDIRECT);
+
+            // SCTP ports are read like TCP's and UDP's (its common header
+            // starts with both ports).
+            let sctp = Ports::Some(vec![PortRange {
+                proto: IPPROTO_SCTP,
+                first: 9000,
+                last: 9000,
+            }]);
+            isolate(&t, &b, Some(&[from(&[f.a], sctp)]), None);
+            let init = sent(&a, b.ip, IPPROTO_SCTP, &udp(40010, 9000));
+            assert_eq!(run(&t, Program::FromPod, &init, a.ifindex), TC_ACT_REDIRECT);
+            let other = sent(&a, b.ip, IPPROTO_SCTP, &udp(40011, 9001));
+            assert_eq!(run(&t, Program::FromPod, &other, a.ifindex), TC_ACT_SHOT);
         }
     });
 }

@@ -8,6 +8,7 @@ mod edges;
 mod harness;
 mod ipv6;
 mod node;
+mod policy;
 mod reliability;
 mod reuse;
 mod security;
