@@ -81,6 +81,8 @@ pub struct PolicyStatus {
     /// Endpoints still waiting for their pod in the view.
     pub pending: u64,
     pub rule_sets: u64,
+    /// Pods of this node whose policy is computed ahead of their ADD.
+    pub precomputed: u64,
     /// Policies the datapath cannot express ("namespace/name: why"): the
     /// pods they select fail closed.
     pub failed: BTreeSet<String>,
@@ -338,7 +340,12 @@ fn render_policy(out: &mut String, p: &PolicyStatus) {
     if !p.synced {
         return;
     }
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 6] = [
+        (
+            "ferrite_policy_pods_computed_ahead",
+            "Pods of this node in namespaces with policies whose rules wait for their ADD.",
+            p.precomputed,
+        ),
         (
             "ferrite_policy_endpoints_programmed",
             "Local endpoints isolated by a NetworkPolicy, with their rules in the maps.",

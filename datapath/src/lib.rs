@@ -326,6 +326,7 @@ impl Datapath {
             ct: self.open_pin(policy::CT_MAP)?,
             polns: self.open_pin(policy::POLNS_MAP)?,
             podids: self.open_pin(policy::PODIDS_MAP)?,
+            podpol: self.open_pin(policy::PODPOL_MAP)?,
         })
     }
 

@@ -49,6 +49,7 @@ pub(crate) const SVCNETS_MAP: &str = "ferrite_svcnets";
 pub(crate) const CT_MAP: &str = "ferrite_ct";
 pub(crate) const POLNS_MAP: &str = "ferrite_polns";
 pub(crate) const PODIDS_MAP: &str = "ferrite_podids";
+pub(crate) const PODPOL_MAP: &str = "ferrite_podpol";
 
 /// Longest namespace name `ferrite_polns` and `ferrite_podids` hold (a DNS
 /// label is at most 63 characters).
@@ -485,6 +486,19 @@ pub struct PolicyMaps {
     pub(crate) ct: OwnedFd,
     pub(crate) polns: OwnedFd,
     pub(crate) podids: OwnedFd,
+    pub(crate) podpol: OwnedFd,
+}
+
+/// How ADD left an endpoint's policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStart {
+    /// Its namespace has no NetworkPolicy: nothing isolates it.
+    Open,
+    /// The agent had computed its policy already: in place from the start.
+    Programmed,
+    /// Its namespace has policies and the agent has not computed this pod
+    /// yet: everything dropped until it does.
+    Pending,
 }
 
 /// A name in a fixed-size, NUL-padded field; None if it does not fit.
@@ -498,6 +512,14 @@ fn fixed<const N: usize>(name: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// A `struct pod_id`: namespace and name, each NUL-padded.
+fn pod_key(namespace: &str, name: &str) -> Option<Vec<u8>> {
+    let mut key = Vec::with_capacity(NAMESPACE_LEN + POD_NAME_LEN);
+    key.extend_from_slice(&fixed::<NAMESPACE_LEN>(namespace)?);
+    key.extend_from_slice(&fixed::<POD_NAME_LEN>(name)?);
+    Some(key)
+}
+
 fn unfixed(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
@@ -505,38 +527,41 @@ fn unfixed(b: &[u8]) -> String {
 
 impl crate::Datapath {
     /// What ADD does for policy, before the endpoint is visible: records
-    /// which pod the host veth serves and, in a namespace that has a
-    /// NetworkPolicy (`ferrite_polns`), starts the endpoint pending, so
-    /// nothing passes until the agent has programmed it. Elsewhere it
-    /// clears whatever an earlier veth with this ifindex left. Returns
-    /// whether the endpoint is pending. Opens three pins, nothing more.
+    /// which pod the host veth serves and sets its policy: the one the
+    /// agent computed for the pod (`ferrite_podpol`) if there is one, else
+    /// in a namespace that has a NetworkPolicy (`ferrite_polns`) "pending",
+    /// so nothing passes until the agent has programmed it; elsewhere it
+    /// clears whatever an earlier veth with this ifindex left. Opens four
+    /// pins, nothing more.
     pub fn start_endpoint_policy(
         &self,
         ifindex: u32,
         pod: Option<(&str, &str)>,
-    ) -> Result<bool, crate::DatapathError> {
-        let polns = self.open_pin(POLNS_MAP)?;
+    ) -> Result<PolicyStart, crate::DatapathError> {
         let eppol = self.open_pin(EPPOL_MAP)?;
         let podids = self.open_pin(PODIDS_MAP)?;
         let key = ifindex.to_ne_bytes();
-        let mut pending = false;
         let id = pod.and_then(|(ns, name)| {
             Some((fixed::<NAMESPACE_LEN>(ns)?, fixed::<POD_NAME_LEN>(name)?))
         });
-        match id {
-            Some((ns, name)) => {
-                let mut v = [0u8; 4];
-                pending = sys::map_lookup(polns.as_fd(), &ns, &mut v).map_err(on(POLNS_MAP))?;
-                let mut id = Vec::with_capacity(NAMESPACE_LEN + POD_NAME_LEN);
-                id.extend_from_slice(&ns);
-                id.extend_from_slice(&name);
-                sys::map_update(podids.as_fd(), &key, &id, BPF_ANY).map_err(on(PODIDS_MAP))?;
-            }
-            None => {
-                sys::map_delete(podids.as_fd(), &key).map_err(on(PODIDS_MAP))?;
-            }
+        let Some((ns, name)) = id else {
+            sys::map_delete(podids.as_fd(), &key).map_err(on(PODIDS_MAP))?;
+            sys::map_delete(eppol.as_fd(), &key).map_err(on(EPPOL_MAP))?;
+            return Ok(PolicyStart::Open);
+        };
+        let mut pod_id = Vec::with_capacity(NAMESPACE_LEN + POD_NAME_LEN);
+        pod_id.extend_from_slice(&ns);
+        pod_id.extend_from_slice(&name);
+        sys::map_update(podids.as_fd(), &key, &pod_id, BPF_ANY).map_err(on(PODIDS_MAP))?;
+        let mut computed = [0u8; 24];
+        let podpol = self.open_pin(PODPOL_MAP)?;
+        if sys::map_lookup(podpol.as_fd(), &pod_id, &mut computed).map_err(on(PODPOL_MAP))? {
+            sys::map_update(eppol.as_fd(), &key, &computed, BPF_ANY).map_err(on(EPPOL_MAP))?;
+            return Ok(PolicyStart::Programmed);
         }
-        if pending {
+        let mut v = [0u8; 4];
+        let polns = self.open_pin(POLNS_MAP)?;
+        if sys::map_lookup(polns.as_fd(), &ns, &mut v).map_err(on(POLNS_MAP))? {
             sys::map_update(
                 eppol.as_fd(),
                 &key,
@@ -544,10 +569,10 @@ impl crate::Datapath {
                 BPF_ANY,
             )
             .map_err(on(EPPOL_MAP))?;
-        } else {
-            sys::map_delete(eppol.as_fd(), &key).map_err(on(EPPOL_MAP))?;
+            return Ok(PolicyStart::Pending);
         }
-        Ok(pending)
+        sys::map_delete(eppol.as_fd(), &key).map_err(on(EPPOL_MAP))?;
+        Ok(PolicyStart::Open)
     }
 
     /// What DEL does for policy: the host veth's policy and pod record go.
@@ -771,6 +796,45 @@ impl PolicyMaps {
                     u32::from_ne_bytes(k),
                     unfixed(&v[..NAMESPACE_LEN]),
                     unfixed(&v[NAMESPACE_LEN..]),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets the policy ADD gives pod `namespace/name` on this node; false
+    /// if the names do not fit (ADD then starts it pending).
+    pub fn set_pod_policy(
+        &self,
+        namespace: &str,
+        name: &str,
+        policy: &EndpointPolicy,
+    ) -> Result<bool, MapError> {
+        let Some(key) = pod_key(namespace, name) else {
+            return Ok(false);
+        };
+        sys::map_update(self.podpol.as_fd(), &key, &policy.to_bytes(), BPF_ANY)
+            .map_err(on(PODPOL_MAP))?;
+        Ok(true)
+    }
+
+    pub fn remove_pod_policy(&self, namespace: &str, name: &str) -> Result<bool, MapError> {
+        let Some(key) = pod_key(namespace, name) else {
+            return Ok(false);
+        };
+        sys::map_delete(self.podpol.as_fd(), &key).map_err(on(PODPOL_MAP))
+    }
+
+    /// (namespace, name, policy) of every pod with a computed policy.
+    pub fn pod_policies(&self) -> Result<Vec<(String, String, EndpointPolicy)>, MapError> {
+        let mut out = Vec::new();
+        for k in keys::<{ NAMESPACE_LEN + POD_NAME_LEN }>(&self.podpol, PODPOL_MAP)? {
+            let mut v = [0u8; 24];
+            if sys::map_lookup(self.podpol.as_fd(), &k, &mut v).map_err(on(PODPOL_MAP))? {
+                out.push((
+                    unfixed(&k[..NAMESPACE_LEN]),
+                    unfixed(&k[NAMESPACE_LEN..]),
+                    EndpointPolicy::from_bytes(&v),
                 ));
             }
         }

@@ -7,8 +7,8 @@ The limits (measured on this 2-core machine, 2026-12, 53 endpoints: RSS
 13.3 MiB, 5.0 ms of CPU in 30 s = 0.017 % of a core, 2 threads, 16 series
 per endpoint and 10 others):
 - RSS <= 32 MiB: the memory the DaemonSet requests (deploy/daemonset.yaml);
-- CPU <= 0.25 % of a core over 30 s: a quarter of the 10m it requests, 15
-  times what it uses (a resync loop or a busy poll would cross it);
+- CPU <= 0.25 % of a core over 30 s: 15 times what it uses (a resync loop
+  or a busy poll would cross it; the DaemonSet requests 100m for bursts);
 - series per endpoint <= 24 (8 counters and 8 drop reasons today: each new
   drop reason adds one per pod), other series <= 50.
 """

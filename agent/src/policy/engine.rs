@@ -32,6 +32,15 @@ pub trait PolicyTarget {
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError>;
     fn set_policy_namespaces(&mut self, namespaces: &BTreeSet<String>)
         -> Result<(), DatapathError>;
+    /// The policies computed ahead for pods of this node (ADD copies one).
+    fn pod_policies(&self) -> Result<Vec<(String, String, EndpointPolicy)>, DatapathError>;
+    fn set_pod_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        policy: &EndpointPolicy,
+    ) -> Result<(), DatapathError>;
+    fn remove_pod_policy(&mut self, namespace: &str, name: &str) -> Result<(), DatapathError>;
 }
 
 struct RuleSetEntry {
@@ -47,6 +56,8 @@ pub struct SyncReport {
     /// Endpoints still pending (their pod not yet in the view).
     pub pending: usize,
     pub rule_sets: usize,
+    /// Pods of this node whose policy waits for their ADD.
+    pub precomputed: usize,
     /// Endpoint policies written this sync.
     pub changed: usize,
     /// Policies that fail closed, "namespace/name: why".
@@ -117,9 +128,15 @@ impl Engine {
         dp: &mut dyn PolicyTarget,
     ) -> Result<SyncReport, DatapathError> {
         let current: BTreeMap<u32, EndpointPolicy> = dp.endpoint_policies()?.into_iter().collect();
+        let current_pods: BTreeMap<(String, String), EndpointPolicy> = dp
+            .pod_policies()?
+            .into_iter()
+            .map(|(ns, name, p)| ((ns, name), p))
+            .collect();
         if !self.started {
             let top = current
                 .values()
+                .chain(current_pods.values())
                 .flat_map(|p| [p.ingress, p.egress])
                 .flatten()
                 .map(|r| r.id)
@@ -137,11 +154,11 @@ impl Engine {
         for (ip, ifindex) in &endpoints {
             by_ifindex.entry(*ifindex).or_default().push(*ip);
         }
+        // ADD's record comes first (an ADD in progress is programmed
+        // before its endpoint is in the map); DEL removes it.
         let mut owner: BTreeMap<u32, (String, String)> = BTreeMap::new();
         for (ifindex, ns, name) in dp.pod_ids()? {
-            if by_ifindex.contains_key(&ifindex) {
-                owner.insert(ifindex, (ns, name));
-            }
+            owner.insert(ifindex, (ns, name));
         }
         for (key, pod) in &view.pods {
             if pod.node.as_deref() != Some(self.node.as_str()) || pod.host_network {
@@ -158,33 +175,74 @@ impl Engine {
         for (ifindex, key) in &owner {
             if let Some(pod) = view.pods.get_mut(key) {
                 if pod.ips.is_empty() {
-                    pod.ips = by_ifindex[ifindex].clone();
+                    pod.ips = by_ifindex.get(ifindex).cloned().unwrap_or_default();
                 }
             }
         }
 
         let mut report = SyncReport::default();
-        let mut wanted: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
-        for (ifindex, key) in &owner {
+        // Each pod's policy, computed once: None where nothing isolates it.
+        let mut computed: BTreeMap<(String, String), Option<EndpointPolicy>> = BTreeMap::new();
+        let mut policy_of = |engine: &mut Engine,
+                             key: &(String, String),
+                             view: &View,
+                             dp: &mut dyn PolicyTarget,
+                             report: &mut SyncReport|
+         -> Result<Option<EndpointPolicy>, DatapathError> {
+            if let Some(p) = computed.get(key) {
+                return Ok(*p);
+            }
             let Some(pod) = view.pods.get(key) else {
-                continue;
+                return Ok(None);
             };
             let rules = view.rules_for(pod);
             report.failed.extend(rules.failed.iter().cloned());
-            if rules.ingress.is_none() && rules.egress.is_none() {
-                continue;
-            }
             let who = format!("{}/{}", key.0, key.1);
-            let mut policy = EndpointPolicy::default();
+            let mut policy = None::<EndpointPolicy>;
             if let Some(r) = &rules.ingress {
-                policy.ingress = Some(self.intern(r, dp, &mut report.failed, &who)?);
+                policy.get_or_insert_with(Default::default).ingress =
+                    Some(engine.intern(r, dp, &mut report.failed, &who)?);
             }
             if let Some(r) = &rules.egress {
-                policy.egress = Some(self.intern(r, dp, &mut report.failed, &who)?);
+                policy.get_or_insert_with(Default::default).egress =
+                    Some(engine.intern(r, dp, &mut report.failed, &who)?);
             }
-            wanted.insert(*ifindex, policy);
+            computed.insert(key.clone(), policy);
+            Ok(policy)
+        };
+        let mut wanted: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
+        for (ifindex, key) in &owner {
+            if let Some(policy) = policy_of(self, key, view, dp, &mut report)? {
+                wanted.insert(*ifindex, policy);
+            }
+        }
+        // Every pod scheduled here in a namespace with policies gets its
+        // policy ahead of its sandbox: ADD copies it, and the endpoint is
+        // never pending. Not isolated is said too (else ADD would wait).
+        let mut wanted_pods: BTreeMap<(String, String), EndpointPolicy> = BTreeMap::new();
+        let local: Vec<(String, String)> = view
+            .pods
+            .iter()
+            .filter(|(_, p)| p.node.as_deref() == Some(self.node.as_str()) && !p.host_network)
+            .filter(|(k, _)| namespaces.contains(&k.0))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in local {
+            let policy = policy_of(self, &key, view, dp, &mut report)?.unwrap_or_default();
+            wanted_pods.insert(key, policy);
         }
 
+        for (key, policy) in &wanted_pods {
+            if current_pods.get(key) != Some(policy) {
+                dp.set_pod_policy(&key.0, &key.1, policy)?;
+            }
+        }
+        for key in current_pods.keys() {
+            if !wanted_pods.contains_key(key) {
+                dp.remove_pod_policy(&key.0, &key.1)?;
+            }
+        }
+        report.precomputed = wanted_pods.len();
         for (ifindex, policy) in &wanted {
             if current.get(ifindex) != Some(policy) {
                 dp.set_endpoint(*ifindex, policy)?;
@@ -213,6 +271,7 @@ impl Engine {
         // Rule sets no endpoint uses any more.
         let used: BTreeSet<u32> = wanted
             .values()
+            .chain(wanted_pods.values())
             .flat_map(|p| [p.ingress, p.egress])
             .flatten()
             .map(|r| r.id)
@@ -253,11 +312,36 @@ mod tests {
         eppol: BTreeMap<u32, EndpointPolicy>,
         sets: BTreeMap<u32, Encoded>,
         namespaces: BTreeSet<String>,
+        pod_policies: BTreeMap<(String, String), EndpointPolicy>,
         /// Every set an endpoint pointed at existed when it did.
         dangling: usize,
     }
 
     impl PolicyTarget for Fake {
+        fn pod_policies(&self) -> Result<Vec<(String, String, EndpointPolicy)>, DatapathError> {
+            Ok(self
+                .pod_policies
+                .iter()
+                .map(|((ns, n), p)| (ns.clone(), n.clone(), *p))
+                .collect())
+        }
+        fn set_pod_policy(
+            &mut self,
+            namespace: &str,
+            name: &str,
+            p: &EndpointPolicy,
+        ) -> Result<(), DatapathError> {
+            for r in [p.ingress, p.egress].into_iter().flatten() {
+                assert!(self.sets.contains_key(&r.id), "pod policy before its set");
+            }
+            self.pod_policies
+                .insert((namespace.into(), name.into()), *p);
+            Ok(())
+        }
+        fn remove_pod_policy(&mut self, namespace: &str, name: &str) -> Result<(), DatapathError> {
+            self.pod_policies.remove(&(namespace.into(), name.into()));
+            Ok(())
+        }
         fn endpoints(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
             Ok(self.endpoints.clone())
         }
@@ -482,5 +566,47 @@ mod tests {
         assert_eq!(r.failed.len(), 2, "{:?}", r.failed);
         let p = dp.eppol[&11].ingress.unwrap();
         assert_eq!(p.words, 0, "isolated, nothing allowed");
+    }
+
+    #[test]
+    fn pods_scheduled_here_get_their_policy_before_their_add() {
+        let (mut v, mut dp) = setup();
+        // d is scheduled to n1 but has no sandbox yet; y has no policy.
+        v.pods
+            .insert(("x".into(), "d".into()), pod("x", "d", "n1", None, "db"));
+        v.pods
+            .insert(("y".into(), "e".into()), pod("y", "e", "n1", None, "web"));
+        put_policy(
+            &mut v,
+            json!({"metadata": {"namespace": "x", "name": "web"},
+                   "spec": {"podSelector": {"matchLabels": {"app": "web"}}}}),
+        );
+        let mut e = Engine::new("n1");
+        let r = e.sync(&mut v, &mut dp).unwrap();
+        assert_eq!(r.precomputed, 3, "a, b and d of x on n1; not c (n2), not e (y)");
+        let key = |n: &str| ("x".to_string(), n.to_string());
+        let web = dp.pod_policies[&key("a")];
+        assert!(web.ingress.is_some() && !web.pending);
+        assert_eq!(dp.pod_policies[&key("b")], web, "same rules, same set");
+        assert_eq!(
+            dp.pod_policies[&key("d")],
+            EndpointPolicy::default(),
+            "d: not isolated, and said so (ADD must not wait)"
+        );
+        assert!(!dp.pod_policies.contains_key(&("y".into(), "e".into())));
+
+        // ADD of d copies its policy; the next sync agrees and changes nothing.
+        dp.endpoints.push(("10.0.1.9".parse().unwrap(), 13));
+        dp.pod_ids.push((13, "x".into(), "d".into()));
+        dp.eppol.insert(13, dp.pod_policies[&key("d")]);
+        let r = e.sync(&mut v, &mut dp).unwrap();
+        assert_eq!(r.changed, 1, "only the empty entry of d goes");
+        assert!(!dp.eppol.contains_key(&13));
+
+        // The policy goes: so do the computed ones, and its set.
+        v.policies.clear();
+        e.sync(&mut v, &mut dp).unwrap();
+        assert!(dp.pod_policies.is_empty());
+        assert!(dp.sets.is_empty());
     }
 }

@@ -76,6 +76,24 @@ impl PolicyTarget for MapsTarget<'_> {
     ) -> Result<(), DatapathError> {
         Ok(self.maps.set_policy_namespaces(namespaces)?)
     }
+    fn pod_policies(&self) -> Result<Vec<(String, String, EndpointPolicy)>, DatapathError> {
+        Ok(self.maps.pod_policies()?)
+    }
+    fn set_pod_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        policy: &EndpointPolicy,
+    ) -> Result<(), DatapathError> {
+        if !self.maps.set_pod_policy(namespace, name, policy)? {
+            log::debug!("{namespace}/{name}: names too long to compute ahead; ADD will wait");
+        }
+        Ok(())
+    }
+    fn remove_pod_policy(&mut self, namespace: &str, name: &str) -> Result<(), DatapathError> {
+        self.maps.remove_pod_policy(namespace, name)?;
+        Ok(())
+    }
 }
 
 /// What the policy thread is configured with.
@@ -101,14 +119,23 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Reads ADD's report: the host veth's ifindex, then (if present) the
-/// CLOCK_MONOTONIC nanoseconds when the endpoint started pending.
+/// CLOCK_MONOTONIC nanoseconds when ADD set its policy and whether it
+/// waits (pending) or started with the policy computed ahead.
 pub fn parse_report(b: &[u8]) -> Option<Update> {
     let ifindex = u32::from_ne_bytes(b.get(..4)?.try_into().ok()?);
     let since_ns = match b.get(4..12) {
         Some(t) => u64::from_ne_bytes(t.try_into().ok()?),
         None => 0,
     };
-    Some(Update::Pending { ifindex, since_ns })
+    let pending = match b.get(12..16) {
+        Some(f) => u32::from_ne_bytes(f.try_into().ok()?) & 1 != 0,
+        None => true,
+    };
+    Some(Update::Reported {
+        ifindex,
+        since_ns,
+        pending,
+    })
 }
 
 /// Binds `<state_dir>/agent.sock` (replacing a stale one) and forwards
@@ -175,6 +202,8 @@ pub struct PolicyLoop {
     /// Endpoints ADD reported as pending, with when they started.
     waiting: BTreeMap<u32, u64>,
     host_addresses: Vec<IpAddr>,
+    /// ADDs that found their policy computed ahead, not yet counted.
+    started_programmed: u64,
 }
 
 impl PolicyLoop {
@@ -189,6 +218,7 @@ impl PolicyLoop {
             datapath: None,
             waiting: BTreeMap::new(),
             host_addresses: Vec::new(),
+            started_programmed: 0,
         }
     }
 
@@ -217,8 +247,16 @@ impl PolicyLoop {
                     |ns, n| (ns, n),
                 );
             }
-            Update::Pending { ifindex, since_ns } => {
+            Update::Reported {
+                ifindex,
+                pending: true,
+                since_ns,
+            } => {
                 self.waiting.insert(ifindex, since_ns);
+            }
+            Update::Reported { ifindex, .. } => {
+                log::info!("policy: endpoint {ifindex} programmed 0 ms after ADD (computed ahead)");
+                self.started_programmed += 1;
             }
         }
     }
@@ -326,6 +364,10 @@ impl PolicyLoop {
         for (_, ns) in programmed_after_add {
             status.add_to_programmed.observe(ns as f64 / 1e9);
         }
+        for _ in 0..std::mem::take(&mut self.started_programmed) {
+            status.add_to_programmed.observe(0.0);
+        }
+        status.precomputed = report.precomputed as u64;
         self.state.set_policy_status(status);
         Ok(true)
     }
@@ -384,17 +426,20 @@ mod tests {
         let mut b = 7u32.to_ne_bytes().to_vec();
         assert_eq!(
             parse_report(&b),
-            Some(Update::Pending {
+            Some(Update::Reported {
                 ifindex: 7,
-                since_ns: 0
+                since_ns: 0,
+                pending: true
             })
         );
         b.extend_from_slice(&123u64.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
         assert_eq!(
             parse_report(&b),
-            Some(Update::Pending {
+            Some(Update::Reported {
                 ifindex: 7,
-                since_ns: 123
+                since_ns: 123,
+                pending: false
             })
         );
         assert_eq!(parse_report(&[1, 2]), None);

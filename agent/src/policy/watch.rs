@@ -39,11 +39,14 @@ pub enum Update {
     Pods(Delta<PodInfo>),
     Namespaces(Delta<NamespaceInfo>),
     Policies(Delta<PolicyInfo>),
-    /// ADD made an endpoint that waits for its policy: host veth, and
-    /// CLOCK_MONOTONIC nanoseconds when it started waiting (0: unknown).
-    Pending {
+    /// ADD made an endpoint in a namespace with policies: host veth,
+    /// CLOCK_MONOTONIC nanoseconds when it set the policy (0: unknown), and
+    /// whether it waits for the agent (else it found the policy computed
+    /// ahead).
+    Reported {
         ifindex: u32,
         since_ns: u64,
+        pending: bool,
     },
 }
 

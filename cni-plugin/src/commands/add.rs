@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use ferrite_datapath::policy::PolicyStart;
 use ferrite_datapath::{AttachMode, Datapath, Endpoint};
 use ipnetwork::IpNetwork;
 
@@ -246,12 +247,21 @@ fn setup(
             crate::failpoint::hit("add-attached");
             // Before the endpoint is visible: in a namespace with policies
             // it starts closed, and stays so until the agent programs it.
-            let pending = dp
+            let start = dp
                 .start_endpoint_policy(link.host.index, env.args.pod())
                 .map_err(|e| datapath_error("cannot set the endpoint's policy", &e))?;
-            let pending_since = pending.then(monotonic_ns);
-            if pending {
-                log::info!("{host_name}: policy pending until the agent programs it");
+            match start {
+                PolicyStart::Open => {}
+                PolicyStart::Programmed => {
+                    log::debug!("{host_name}: policy in place from the agent's computed rules");
+                    wake_agent(&conf.state_dir, link.host.index, monotonic_ns(), false);
+                }
+                PolicyStart::Pending => {
+                    log::info!("{host_name}: policy pending until the agent programs it");
+                    // Now, not at the end: the agent reads the pod from
+                    // ADD's record and programs it while ADD finishes.
+                    wake_agent(&conf.state_dir, link.host.index, monotonic_ns(), true);
+                }
             }
             for ip in ips {
                 dp.upsert_endpoint(*ip, &endpoint).map_err(|e| {
@@ -273,9 +283,6 @@ fn setup(
             }
             // The map entry is the last step: it makes the pod complete.
             crate::failpoint::hit("add-mapped");
-            if let Some(since) = pending_since {
-                wake_agent(&conf.state_dir, link.host.index, since);
-            }
             Ok(())
         });
     if let Err(err) = wired {
@@ -350,18 +357,20 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Tells the agent, if it listens, that an endpoint waits for its policy.
+/// Tells the agent, if it listens, of an endpoint in a namespace with
+/// policies: waiting for its policy, or started with the one it computed.
 /// Best effort and never blocking: the agent also finds it on its own.
-fn wake_agent(state_dir: &Path, ifindex: u32, since: u64) {
+fn wake_agent(state_dir: &Path, ifindex: u32, since: u64, pending: bool) {
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
         return;
     };
     if sock.set_nonblocking(true).is_ok() {
-        // The host veth, then when it started pending: the agent measures
-        // the time from then to the endpoint programmed.
-        let mut report = [0u8; 12];
+        // The host veth, when its policy was set, and whether it waits:
+        // the agent measures the time from then to the endpoint programmed.
+        let mut report = [0u8; 16];
         report[..4].copy_from_slice(&ifindex.to_ne_bytes());
-        report[4..].copy_from_slice(&since.to_ne_bytes());
+        report[4..12].copy_from_slice(&since.to_ne_bytes());
+        report[12..].copy_from_slice(&u32::from(pending).to_ne_bytes());
         if let Err(e) = sock.send_to(&report, state_dir.join(AGENT_SOCKET)) {
             log::debug!("agent not told of ifindex {ifindex}: {e}");
         }

@@ -159,6 +159,11 @@ static __always_inline int policy_exempt(const struct flow_key *key)
  * ferrite_podids: which pod each host veth serves (ADD writes it), so the
  * agent programs an endpoint as soon as it exists, before the API server
  * has heard of its address.
+ *
+ * ferrite_podpol: the policy the agent computed for each pod scheduled to
+ * this node in a namespace with policies, before its sandbox exists; ADD
+ * copies it into ferrite_eppol, so the endpoint starts programmed rather
+ * than pending.
  */
 #define FERRITE_NAMESPACE_LEN 64
 #define FERRITE_POD_NAME_LEN 256
@@ -190,6 +195,15 @@ struct {
 	__type(value, struct pod_id);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrite_podids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, FERRITE_MAX_ENDPOINTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pod_id);
+	__type(value, struct ep_policy);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrite_podpol SEC(".maps");
 
 static __always_inline struct ep_policy *policy_of(__u32 ifindex)
 {

@@ -44,6 +44,7 @@ fn second_open_or_load_opens_the_pins() {
             "ferrite_ifaces",
             "ferrite_podids",
             "ferrite_podnets",
+            "ferrite_podpol",
             "ferrite_polns",
             "ferrite_polpeer",
             "ferrite_polport",

@@ -116,9 +116,10 @@ fn pending_from_add_then_rules_for_both_families() {
     let b_if = ifindex(&node, &b.host_veth());
     let mut report = [0u8; 64];
     let n = sock.recv(&mut report).unwrap();
-    assert_eq!(n, 12, "ifindex and a time");
+    assert_eq!(n, 16, "ifindex, a time, flags");
     assert_eq!(u32::from_ne_bytes(report[..4].try_into().unwrap()), b_if);
     assert!(u64::from_ne_bytes(report[4..12].try_into().unwrap()) > 0);
+    assert_eq!(report[12..16], 1u32.to_ne_bytes(), "pending");
     assert_eq!(
         maps.endpoint(b_if).unwrap(),
         Some(EndpointPolicy::PENDING),
@@ -162,6 +163,26 @@ fn pending_from_add_then_rules_for_both_families() {
         assert!(ping(&b.ns, c_ips[i]), "b -> c {} and its reply", c_ips[i]);
     }
     assert!(maps.conntrack_len().unwrap() >= 4);
+
+    // A pod whose policy the agent computed ahead starts with it.
+    let computed = EndpointPolicy {
+        ingress: Some(RuleSetRef {
+            id: 7,
+            words: set.words,
+        }),
+        egress: None,
+        pending: false,
+    };
+    assert!(maps.set_pod_policy("team", "d", &computed).unwrap());
+    let d = add_k8s_pod(&node, "team", "d");
+    let d_if = ifindex(&node, &d.host_veth());
+    let n = sock.recv(&mut report).unwrap();
+    assert_eq!(n, 16);
+    assert_eq!(u32::from_ne_bytes(report[..4].try_into().unwrap()), d_if);
+    assert_eq!(report[12..16], 0u32.to_ne_bytes(), "not pending");
+    assert_eq!(maps.endpoint(d_if).unwrap(), Some(computed));
+    assert!(ping(&a.ns, ips(&d)[0]), "a -> d from its first packet");
+    assert!(!ping(&c.ns, ips(&d)[0]), "c -> d is not allowed");
 
     // DEL forgets the endpoint's policy and its pod.
     assert!(b.del().unwrap().ok);
