@@ -112,11 +112,13 @@ pub fn remove_all_pins(pins: &dyn DatapathPins, root: &Path) -> Result<Vec<Strin
     for v in &versions {
         pins.remove(v)?;
     }
-    // Loaders' work directories (`tmp-<version>-<pid>`) are the datapath's
-    // too; `pinned_versions` leaves them out.
+    // Loaders' work directories (`tmp-<version>-<pid>`) and the state maps
+    // every version shares (`state-<layout>`) are the datapath's too;
+    // `pinned_versions` leaves them out.
     if let Ok(entries) = std::fs::read_dir(root) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("tmp-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("tmp-") || name.starts_with("state-") {
                 remove_dir_all(&e.path())?;
             }
         }

@@ -148,7 +148,7 @@ impl Datapath {
 
     /// Opens this version's pins; `None` if this version is not loaded.
     /// The datapath versions pinned under `bpffs_root` (this one included),
-    /// leaving out loaders' work directories.
+    /// leaving out loaders' work directories and the state maps' directory.
     pub fn pinned_versions(bpffs_root: &Path) -> Result<Vec<String>, DatapathError> {
         let entries = match std::fs::read_dir(bpffs_root) {
             Ok(e) => e,
@@ -166,7 +166,7 @@ impl Datapath {
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.starts_with("tmp-"))
+            .filter(|n| !n.starts_with("tmp-") && !n.starts_with("state-"))
             .collect())
     }
 
@@ -270,8 +270,41 @@ impl Datapath {
         }
     }
 
+    /// The definitions of the maps shared across versions, as the kernel
+    /// reports them (`map_type`, `key_size`, `value_size`, `max_entries`,
+    /// `map_flags` from the map fd's fdinfo): name, then those fields.
+    pub fn state_map_layouts(&self) -> Result<Vec<(String, String)>, DatapathError> {
+        let mut out = Vec::new();
+        for name in pin::STATE_MAPS {
+            let fd = self.open_pin(name)?;
+            let path = format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            let info = std::fs::read_to_string(&path).map_err(|source| PinError::Io {
+                call: "read",
+                path: path.into(),
+                source,
+            })?;
+            let fields: Vec<&str> = info
+                .lines()
+                .filter(|l| {
+                    [
+                        "map_type",
+                        "key_size",
+                        "value_size",
+                        "max_entries",
+                        "map_flags",
+                    ]
+                    .iter()
+                    .any(|k| l.starts_with(&format!("{k}:")))
+                })
+                .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+                .collect();
+            out.push((name.to_string(), fields.join(" ")));
+        }
+        Ok(out)
+    }
+
     pub(crate) fn open_pin(&self, name: &str) -> Result<OwnedFd, DatapathError> {
-        let path = self.version_dir.join(name);
+        let path = pin::map_path(&self.version_dir, name);
         Ok(pin::open_pin(&path)?.ok_or_else(|| PinError::Io {
             call: "BPF_OBJ_GET",
             path,

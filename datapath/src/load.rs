@@ -66,6 +66,12 @@ const POD_OBJECTS: usize = 2;
 /// Loads the pod programs' objects, pinning their maps (by name, shared
 /// between objects) and their programs into `dir`.
 pub(crate) fn load_and_pin(dir: &Path) -> Result<(), LoadError> {
+    if let Some(root) = dir.parent() {
+        crate::pin::ensure_state_dir(root).map_err(|e| LoadError::Publish {
+            path: root.join(crate::pin::STATE_DIR),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
     for (name, bytes) in &OBJECTS[..POD_OBJECTS] {
         load_one(dir, name, bytes, &dir.join(name))?;
     }
@@ -93,16 +99,22 @@ pub(crate) fn load_and_pin_uplink(dir: &Path) -> Result<(), LoadError> {
 }
 
 fn load_one(dir: &Path, name: &'static str, bytes: &[u8], pin: &Path) -> Result<(), LoadError> {
-    let mut ebpf = EbpfLoader::new()
-        // Never parse /sys/kernel/btf/vmlinux: ferrite has no CO-RE relocations.
-        .btf(None)
-        .default_map_pin_directory(dir)
-        .load(bytes)
-        .map_err(|source| LoadError::Object {
-            object: name,
-            pin_dir: dir.to_owned(),
-            source: Box::new(source),
-        })?;
+    let state: Vec<PathBuf> = crate::pin::STATE_MAPS
+        .iter()
+        .map(|m| crate::pin::map_path(dir, m))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    // Never parse /sys/kernel/btf/vmlinux: ferrite has no CO-RE relocations.
+    loader.btf(None).default_map_pin_directory(dir);
+    // The state maps: an earlier version's are reused as they are.
+    for (m, path) in crate::pin::STATE_MAPS.iter().zip(&state) {
+        loader.map_pin_path(m, path.as_path());
+    }
+    let mut ebpf = loader.load(bytes).map_err(|source| LoadError::Object {
+        object: name,
+        pin_dir: dir.to_owned(),
+        source: Box::new(source),
+    })?;
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(LoadError::MissingProgram { object: name })?

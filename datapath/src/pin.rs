@@ -42,6 +42,42 @@ pub(crate) const IFACES_MAP: &str = "ferrite_ifaces";
 pub(crate) const STATS_MAP: &str = "ferrite_stats";
 pub(crate) const STACKFLOW_MAP: &str = "ferrite_stkflow";
 
+/// The maps that carry state across datapath versions (NetworkPolicy and
+/// connection tracking): pinned once under `<bpffs_root>/STATE_DIR/`, and
+/// every version's programs use the same ones, so an upgrade keeps the
+/// policies and the flows. Their definitions (type, key, value, size) are
+/// the layout `STATE_DIR` names: change one and the name must change
+/// (datapath/tests/datapath/load.rs holds them and says so).
+pub(crate) const STATE_DIR: &str = "state-1";
+pub(crate) const STATE_MAPS: [&str; 9] = [
+    "ferrite_ct",
+    "ferrite_eppol",
+    "ferrite_polport",
+    "ferrite_polpeer",
+    "ferrite_hostips",
+    "ferrite_svcnets",
+    "ferrite_polns",
+    "ferrite_podids",
+    "ferrite_podpol",
+];
+
+/// Where map `name` is pinned for the version directory `version_dir`.
+pub(crate) fn map_path(version_dir: &Path, name: &str) -> PathBuf {
+    match (STATE_MAPS.contains(&name), version_dir.parent()) {
+        (true, Some(root)) => root.join(STATE_DIR).join(name),
+        _ => version_dir.join(name),
+    }
+}
+
+/// Creates the state directory under `root` if it is not there.
+pub(crate) fn ensure_state_dir(root: &Path) -> Result<(), PinError> {
+    let dir = root.join(STATE_DIR);
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_err("mkdir", &dir)(e)),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum PinError {
     #[error("{call}({path}): {source}")]

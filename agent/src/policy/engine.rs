@@ -583,7 +583,10 @@ mod tests {
         );
         let mut e = Engine::new("n1");
         let r = e.sync(&mut v, &mut dp).unwrap();
-        assert_eq!(r.precomputed, 3, "a, b and d of x on n1; not c (n2), not e (y)");
+        assert_eq!(
+            r.precomputed, 3,
+            "a, b and d of x on n1; not c (n2), not e (y)"
+        );
         let key = |n: &str| ("x".to_string(), n.to_string());
         let web = dp.pod_policies[&key("a")];
         assert!(web.ingress.is_some() && !web.pending);

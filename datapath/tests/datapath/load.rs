@@ -37,20 +37,11 @@ fn second_open_or_load_opens_the_pins() {
     assert_eq!(
         pins,
         [
-            "ferrite_ct",
             "ferrite_endpts",
-            "ferrite_eppol",
-            "ferrite_hostips",
             "ferrite_ifaces",
-            "ferrite_podids",
             "ferrite_podnets",
-            "ferrite_podpol",
-            "ferrite_polns",
-            "ferrite_polpeer",
-            "ferrite_polport",
             "ferrite_stats",
             "ferrite_stkflow",
-            "ferrite_svcnets",
             "from_pod",
             "to_pod"
         ]
@@ -62,7 +53,36 @@ fn second_open_or_load_opens_the_pins() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(entries, [DATAPATH_VERSION], "no work directory left behind");
+    let mut entries: Vec<_> = entries
+        .into_iter()
+        .map(|e| e.into_string().unwrap())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        [DATAPATH_VERSION, "state-1"],
+        "no work directory left behind"
+    );
+    // The maps every version shares, and their layout: a change to any of
+    // these lines must rename the state directory (datapath/src/pin.rs
+    // STATE_DIR), or a new version would reuse maps it cannot read.
+    let layouts = first.state_map_layouts().unwrap();
+    let want = [
+        ("ferrite_ct", "9 40 16 262144 0x0"),
+        ("ferrite_eppol", "1 4 24 16384 0x0"),
+        ("ferrite_polport", "11 16 8 65536 0x1"),
+        ("ferrite_polpeer", "11 28 8 262144 0x1"),
+        ("ferrite_hostips", "1 16 4 256 0x0"),
+        ("ferrite_svcnets", "11 20 4 16 0x1"),
+        ("ferrite_polns", "1 64 4 4096 0x1"),
+        ("ferrite_podids", "1 4 320 16384 0x1"),
+        ("ferrite_podpol", "1 320 24 16384 0x1"),
+    ];
+    let got: Vec<(&str, &str)> = layouts
+        .iter()
+        .map(|(n, l)| (n.as_str(), l.as_str()))
+        .collect();
+    assert_eq!(got, want);
 
     // Both handles see the same maps.
     let pod = Pod::new("10.244.1.2", 7, 1).add_to(&first);

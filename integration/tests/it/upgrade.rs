@@ -270,3 +270,73 @@ fn a_wiped_bpffs_is_repaired_under_tcx() {
     let c = node.add_pod("1.1.0").unwrap();
     assert!(a.ns.ping(c.ip()) && c.ns.ping(b.ip()));
 }
+
+#[test]
+fn policies_and_flows_survive_an_upgrade() {
+    if !privileged("policies_and_flows_survive_an_upgrade") {
+        return;
+    }
+    use ferrite_datapath::policy::{encode, Cidr, EndpointPolicy, Peers, Ports, Rule, RuleSetRef};
+    let new_bin = upgraded_binary();
+    let node = Node::new("10.87.0.0/24").unwrap();
+    let a = node.add_pod("1.1.0").unwrap();
+    let b = node.add_pod("1.1.0").unwrap();
+    let c = node.add_pod("1.1.0").unwrap();
+    let root = node.bpffs.path().join("ferrite");
+    // b admits a only; what b starts (a stream to c) comes back through
+    // connection tracking.
+    {
+        let dp = Datapath::open(&root).unwrap().unwrap();
+        let maps = dp.policy_maps().unwrap();
+        let set = encode(&[Rule {
+            peers: Peers::Some(vec![Cidr::host(a.ip())]),
+            ports: Ports::All,
+        }])
+        .unwrap();
+        maps.write_rule_set(3, &set).unwrap();
+        let ifindex: u32 = node
+            .ns
+            .exec(&format!("cat /sys/class/net/{}/ifindex", b.host_veth()))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        maps.set_endpoint(
+            ifindex,
+            &EndpointPolicy {
+                ingress: Some(RuleSetRef {
+                    id: 3,
+                    words: set.words,
+                }),
+                egress: None,
+                pending: false,
+            },
+        )
+        .unwrap();
+    }
+    assert!(a.ns.ping(b.ip()) && !c.ns.ping(b.ip()), "the policy holds");
+
+    let stop = AtomicBool::new(false);
+    let (trips, gap) = std::thread::scope(|s| {
+        let st = s.spawn(|| stream(&c.ns, c.ip(), &b.ns, &stop));
+        std::thread::sleep(Duration::from_millis(500));
+        *node.bin.lock().unwrap() = new_bin.clone();
+        let _d = node.add_pod("1.1.0").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        st.join().unwrap()
+    });
+    eprintln!(
+        "upgrade under policy: {trips} round trips of b's stream, longest gap {:.1} ms",
+        gap.as_secs_f64() * 1e3
+    );
+    let versions = Datapath::pinned_versions(&root).unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_ne!(versions[0], DATAPATH_VERSION, "a new version runs the pods");
+    assert!(
+        trips > 100 && gap < Duration::from_secs(1),
+        "b's flow survived"
+    );
+    assert!(a.ns.ping(b.ip()), "a still admitted");
+    assert!(!c.ns.ping(b.ip()), "c still denied after the upgrade");
+}
