@@ -270,10 +270,22 @@ impl Datapath {
         }
     }
 
-    /// The definitions of the maps shared across versions, as the kernel
-    /// reports them (`map_type`, `key_size`, `value_size`, `max_entries`,
-    /// `map_flags` from the map fd's fdinfo): name, then those fields.
-    pub fn state_map_layouts(&self) -> Result<Vec<(String, String)>, DatapathError> {
+    /// The kernel memory of each map shared across versions (`memlock` in
+    /// the map fd's fdinfo), in bytes.
+    pub fn state_map_memory(&self) -> Result<Vec<(String, u64)>, DatapathError> {
+        let mut out = Vec::new();
+        for (name, info) in self.state_map_fdinfo()? {
+            let bytes = info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            out.push((name, bytes));
+        }
+        Ok(out)
+    }
+
+    fn state_map_fdinfo(&self) -> Result<Vec<(String, String)>, DatapathError> {
         let mut out = Vec::new();
         for name in pin::STATE_MAPS {
             let fd = self.open_pin(name)?;
@@ -283,24 +295,36 @@ impl Datapath {
                 path: path.into(),
                 source,
             })?;
-            let fields: Vec<&str> = info
-                .lines()
-                .filter(|l| {
-                    [
-                        "map_type",
-                        "key_size",
-                        "value_size",
-                        "max_entries",
-                        "map_flags",
-                    ]
-                    .iter()
-                    .any(|k| l.starts_with(&format!("{k}:")))
-                })
-                .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
-                .collect();
-            out.push((name.to_string(), fields.join(" ")));
+            out.push((name.to_string(), info));
         }
         Ok(out)
+    }
+
+    /// The definitions of the maps shared across versions, as the kernel
+    /// reports them (`map_type`, `key_size`, `value_size`, `max_entries`,
+    /// `map_flags` from the map fd's fdinfo): name, then those fields.
+    pub fn state_map_layouts(&self) -> Result<Vec<(String, String)>, DatapathError> {
+        Ok(self
+            .state_map_fdinfo()?
+            .into_iter()
+            .map(|(name, info)| {
+                let fields: Vec<&str> = [
+                    "map_type",
+                    "key_size",
+                    "value_size",
+                    "max_entries",
+                    "map_flags",
+                ]
+                .iter()
+                .filter_map(|k| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                        .map(str::trim)
+                })
+                .collect();
+                (name, fields.join(" "))
+            })
+            .collect())
     }
 
     pub(crate) fn open_pin(&self, name: &str) -> Result<OwnedFd, DatapathError> {
