@@ -9,6 +9,9 @@
 //! PORTS distinct TCP ports (one rule per port, every peer in each), then
 //! prints each policy map's memory before and after.
 
+// A tool run by hand or by scripts/bench: its report is its stdout.
+#![allow(clippy::print_stdout)]
+
 use std::net::{IpAddr, Ipv4Addr};
 
 use ferrite_datapath::policy::{encode, Cidr, Peers, PortRange, Ports, Rule};
