@@ -44,6 +44,8 @@ pub struct Config {
     pub service_cidrs: Vec<IpNetwork>,
     /// Enforce NetworkPolicy (watch Pods, Namespaces, NetworkPolicies).
     pub network_policy: bool,
+    /// Flows the connection-tracking table holds, when the agent loads it.
+    pub conntrack_entries: u32,
     pub masquerade: bool,
     pub fast_path: bool,
     pub metrics_addr: SocketAddr,
@@ -61,6 +63,7 @@ const DEFAULT_CNI_LOG_FILE: &str = "/var/log/ferrite/cni.log";
 const DEFAULT_MTU: u32 = 1500;
 const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9965";
 const DEFAULT_RESYNC_SECONDS: u64 = 60;
+const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
 /// The one variable whose empty value means something: install nothing.
 /// Every other variable set to the empty string (a ConfigMap key left
@@ -82,6 +85,7 @@ impl Default for Config {
             cluster_cidrs: Vec::new(),
             service_cidrs: Vec::new(),
             network_policy: true,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             masquerade: true,
             fast_path: true,
             metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address"),
@@ -189,6 +193,13 @@ pub struct Settings {
           action = ArgAction::Set, value_parser = parse_bool)]
     network_policy: bool,
 
+    /// Flows the connection-tracking table holds (LRU; set when the
+    /// datapath's state maps are first created on the node)
+    #[arg(long, global = true, env = "FERRITE_CONNTRACK_ENTRIES", value_name = "FLOWS",
+          default_value_t = DEFAULT_CONNTRACK_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    conntrack_entries: u32,
+
     /// Masquerade traffic leaving the cluster (the flag alone: true)
     #[arg(long, global = true, env = "FERRITE_MASQUERADE", value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true", default_value = "true",
@@ -272,6 +283,7 @@ impl From<Settings> for Config {
             cluster_cidrs: s.cluster_cidr.into_iter().flatten().collect(),
             service_cidrs: s.service_cidr.into_iter().flatten().collect(),
             network_policy: s.network_policy,
+            conntrack_entries: s.conntrack_entries,
             masquerade: s.masquerade,
             fast_path: s.fast_path,
             metrics_addr,
@@ -638,7 +650,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 18, "every setting has a variable");
+        assert_eq!(n, 19, "every setting has a variable");
     }
 
     #[test]

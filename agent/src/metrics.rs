@@ -576,4 +576,34 @@ mod tests {
         s.set_counters(Arc::new(Canned(vec![])));
         assert!(s.render().contains("\nferrite_endpoints 0\n"));
     }
+
+    #[test]
+    fn renders_policy_once_synced_with_failed_policies_and_the_histogram() {
+        let mut state = StateSnapshot::default();
+        assert!(
+            !render(&state, None).contains("ferrite_policy_"),
+            "nothing before a sync"
+        );
+        let mut p = PolicyStatus {
+            synced: true,
+            programmed: 3,
+            precomputed: 5,
+            failed: ["x/odd: protocol \"ICMP\"".to_string()].into(),
+            ..Default::default()
+        };
+        for s in [0.0, 0.0005, 0.003, 2.0] {
+            p.add_to_programmed.observe(s);
+        }
+        state.policy = p;
+        let out = render(&state, None);
+        assert!(out.contains("ferrite_policy_endpoints_programmed 3\n"));
+        assert!(out.contains("ferrite_policy_pods_computed_ahead 5\n"));
+        assert!(out.contains(
+            "ferrite_policy_failed{policy=\"x/odd\",reason=\"protocol \\\"ICMP\\\"\"} 1\n"
+        ));
+        assert!(out.contains("ferrite_policy_add_to_programmed_seconds_bucket{le=\"0.001\"} 2\n"));
+        assert!(out.contains("ferrite_policy_add_to_programmed_seconds_bucket{le=\"0.005\"} 3\n"));
+        assert!(out.contains("ferrite_policy_add_to_programmed_seconds_bucket{le=\"+Inf\"} 4\n"));
+        assert!(out.contains("ferrite_policy_add_to_programmed_seconds_count 4\n"));
+    }
 }

@@ -218,8 +218,11 @@ impl NodeAgent {
             return Ok(());
         }
         let root = self.cfg.bpffs_root.clone();
+        let options = ferrite_datapath::LoadOptions {
+            conntrack_entries: Some(self.cfg.conntrack_entries),
+        };
         let (dp, outcome) =
-            Datapath::open_or_load(&root).map_err(|source| SyncError::Datapath {
+            Datapath::open_or_load_with(&root, &options).map_err(|source| SyncError::Datapath {
                 root: root.clone(),
                 source,
             })?;

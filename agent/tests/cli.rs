@@ -72,6 +72,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16, fd00:244::/48"),
             ("FERRITE_SERVICE_CIDR", "10.96.0.0/16,fd00:96::/108"),
             ("FERRITE_NETWORK_POLICY", "false"),
+            ("FERRITE_CONNTRACK_ENTRIES", "65536"),
             ("FERRITE_MASQUERADE", "no"),
             ("FERRITE_FAST_PATH", "false"),
             ("FERRITE_METRICS_ADDR", "127.0.0.1:1"),
@@ -103,6 +104,7 @@ fn every_setting_has_its_variable() {
                 "fd00:96::/108".parse().unwrap()
             ],
             network_policy: false,
+            conntrack_entries: 65536,
             masquerade: false,
             fast_path: false,
             metrics_addr: "127.0.0.1:9100".parse().unwrap(),
@@ -110,7 +112,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 18);
+    assert_eq!(variables().len(), 19);
 }
 
 #[test]
@@ -224,6 +226,7 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16,fd00:10:244::/56"),
         ("FERRITE_SERVICE_CIDR", "10.96.0.0/16"),
         ("FERRITE_NETWORK_POLICY", "true"),
+        ("FERRITE_CONNTRACK_ENTRIES", "262144"),
         ("FERRITE_MTU", "1500"),
         ("FERRITE_MASQUERADE", "true"),
         ("FERRITE_FAST_PATH", "true"),

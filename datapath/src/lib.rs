@@ -52,6 +52,13 @@ pub const TC_ACT_SHOT: i32 = 2;
 /// `TC_ACT_REDIRECT`: `bpf_redirect_peer` took the packet.
 pub const TC_ACT_REDIRECT: i32 = 7;
 
+/// Sizes chosen when the datapath is loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Flows the connection-tracking table holds (None: 262,144).
+    pub conntrack_entries: Option<u32>,
+}
+
 /// Whether [`Datapath::open_or_load`] found the pins or made them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoadOutcome {
@@ -106,6 +113,16 @@ impl Datapath {
     /// loads into `<root>/tmp-<version>-<pid>` and renames that to
     /// `<root>/<version>`. Concurrent first callers load exactly once.
     pub fn open_or_load(bpffs_root: &Path) -> Result<(Datapath, LoadOutcome), DatapathError> {
+        Self::open_or_load_with(bpffs_root, &LoadOptions::default())
+    }
+
+    /// [`Datapath::open_or_load`], with the sizes of the maps it creates
+    /// when it loads. Maps that already exist (the state maps of an earlier
+    /// version) keep their size.
+    pub fn open_or_load_with(
+        bpffs_root: &Path,
+        options: &LoadOptions,
+    ) -> Result<(Datapath, LoadOutcome), DatapathError> {
         if let Some(dp) = Self::open(bpffs_root)? {
             return Ok((dp, LoadOutcome::Opened));
         }
@@ -117,7 +134,7 @@ impl Datapath {
         pin::remove_stale_tmp_dirs(bpffs_root)?;
         let tmp = pin::tmp_dir(bpffs_root, DATAPATH_VERSION, std::process::id());
         pin::create_private_dir(&tmp)?;
-        let published = load::load_and_pin(&tmp)
+        let published = load::load_and_pin(&tmp, options)
             .map_err(DatapathError::from)
             .and_then(|()| Ok(pin::publish(&tmp, &bpffs_root.join(DATAPATH_VERSION))?));
         if let Err(error) = published {

@@ -65,7 +65,7 @@ const POD_OBJECTS: usize = 2;
 
 /// Loads the pod programs' objects, pinning their maps (by name, shared
 /// between objects) and their programs into `dir`.
-pub(crate) fn load_and_pin(dir: &Path) -> Result<(), LoadError> {
+pub(crate) fn load_and_pin(dir: &Path, options: &crate::LoadOptions) -> Result<(), LoadError> {
     if let Some(root) = dir.parent() {
         crate::pin::ensure_state_dir(root).map_err(|e| LoadError::Publish {
             path: root.join(crate::pin::STATE_DIR),
@@ -73,7 +73,7 @@ pub(crate) fn load_and_pin(dir: &Path) -> Result<(), LoadError> {
         })?;
     }
     for (name, bytes) in &OBJECTS[..POD_OBJECTS] {
-        load_one(dir, name, bytes, &dir.join(name))?;
+        load_one(dir, name, bytes, &dir.join(name), options)?;
     }
     Ok(())
 }
@@ -89,7 +89,7 @@ pub(crate) fn load_and_pin_uplink(dir: &Path) -> Result<(), LoadError> {
             continue;
         }
         let work = dir.join(format!("tmp-{name}-{}", std::process::id()));
-        load_one(dir, name, bytes, &work)?;
+        load_one(dir, name, bytes, &work, &crate::LoadOptions::default())?;
         std::fs::rename(&work, &path).map_err(|source| LoadError::Publish {
             path: path.clone(),
             source,
@@ -98,7 +98,13 @@ pub(crate) fn load_and_pin_uplink(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-fn load_one(dir: &Path, name: &'static str, bytes: &[u8], pin: &Path) -> Result<(), LoadError> {
+fn load_one(
+    dir: &Path,
+    name: &'static str,
+    bytes: &[u8],
+    pin: &Path,
+    options: &crate::LoadOptions,
+) -> Result<(), LoadError> {
     let state: Vec<PathBuf> = crate::pin::STATE_MAPS
         .iter()
         .map(|m| crate::pin::map_path(dir, m))
@@ -106,6 +112,9 @@ fn load_one(dir: &Path, name: &'static str, bytes: &[u8], pin: &Path) -> Result<
     let mut loader = EbpfLoader::new();
     // Never parse /sys/kernel/btf/vmlinux: ferrite has no CO-RE relocations.
     loader.btf(None).default_map_pin_directory(dir);
+    if let Some(n) = options.conntrack_entries {
+        loader.map_max_entries("ferrite_ct", n);
+    }
     // The state maps: an earlier version's are reused as they are.
     for (m, path) in crate::pin::STATE_MAPS.iter().zip(&state) {
         loader.map_pin_path(m, path.as_path());

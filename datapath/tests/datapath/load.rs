@@ -200,3 +200,30 @@ fn costs() {
         );
     });
 }
+
+#[test]
+fn the_flow_table_takes_its_size_from_the_first_load() {
+    if !privileged("the_flow_table_takes_its_size_from_the_first_load") {
+        return;
+    }
+    let bpffs = Bpffs::mount("ctsize");
+    let root = bpffs.root();
+    let options = ferrite_datapath::LoadOptions {
+        conntrack_entries: Some(4096),
+    };
+    let (dp, outcome) = Datapath::open_or_load_with(&root, &options).unwrap();
+    assert_eq!(outcome, LoadOutcome::Loaded);
+    let ct = |dp: &Datapath| {
+        dp.state_map_layouts()
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == "ferrite_ct")
+            .unwrap()
+            .1
+    };
+    assert_eq!(ct(&dp), "9 40 16 4096 0x0");
+    // Whoever opens it later gets the same table, whatever it asks for.
+    let (again, outcome) = Datapath::open_or_load(&root).unwrap();
+    assert_eq!(outcome, LoadOutcome::Opened);
+    assert_eq!(ct(&again), "9 40 16 4096 0x0");
+}

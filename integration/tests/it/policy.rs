@@ -164,6 +164,27 @@ fn pending_from_add_then_rules_for_both_families() {
     }
     assert!(maps.conntrack_len().unwrap() >= 4);
 
+    // The operator's view: b's rules as the maps hold them.
+    let view = node
+        .ferrite(&["policy", "--bpffs-root", root.to_str().unwrap()])
+        .unwrap();
+    let b_block: Vec<&str> = view
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("endpoint {b_if} team/b ")))
+        .take(4)
+        .collect();
+    assert_eq!(b_block.len(), 4, "{view}");
+    assert_eq!(b_block[1], "  ingress: rule set 7, 1 rules", "{view}");
+    assert!(
+        b_block[2].starts_with(&format!(
+            "    0: from {}/32, {}/128; ports any",
+            a_ips[0], a_ips[1]
+        )),
+        "{view}"
+    );
+    assert_eq!(b_block[3], "  egress: not isolated (everything allowed)");
+    assert!(view.contains("namespaces with policies (new pods there start pending): team"));
+
     // A pod whose policy the agent computed ahead starts with it.
     let computed = EndpointPolicy {
         ingress: Some(RuleSetRef {
