@@ -8,7 +8,8 @@
 //! resolved per destination pod (ingress: the endpoint itself; egress:
 //! each peer pod, so a rule splits by the number the name has there).
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ferrite_datapath::policy::{Cidr, Peers, PortRange, Ports, Rule};
@@ -25,6 +26,10 @@ pub struct View {
     pub namespaces: BTreeMap<String, NamespaceInfo>,
     /// By (namespace, name).
     pub policies: BTreeMap<(String, String), PolicyInfo>,
+    /// Within a batch ([`View::batch`]), the peers each rule names (by
+    /// the rule's address), computed once: every endpoint a policy selects
+    /// shares them. None outside a batch: computed every time.
+    peers_of_rule: RefCell<Option<HashMap<usize, Peers>>>,
 }
 
 /// One endpoint's rules: None where it is not isolated.
@@ -38,6 +43,15 @@ pub struct EndpointRules {
 }
 
 impl View {
+    /// Runs `f` with each rule's peers computed once, for many endpoints
+    /// of a view that does not change meanwhile (it cannot: `f` borrows it).
+    pub fn batch<T>(&self, f: impl FnOnce(&Self) -> T) -> T {
+        *self.peers_of_rule.borrow_mut() = Some(HashMap::new());
+        let out = f(self);
+        *self.peers_of_rule.borrow_mut() = None;
+        out
+    }
+
     /// Whether `namespace` has any NetworkPolicy.
     pub fn namespace_has_policies(&self, namespace: &str) -> bool {
         self.policies
@@ -111,6 +125,23 @@ impl View {
     }
 
     fn peers(&self, spec: &RuleSpec, policy_ns: &str) -> Peers {
+        let key = spec as *const RuleSpec as usize;
+        if let Some(p) = self
+            .peers_of_rule
+            .borrow()
+            .as_ref()
+            .and_then(|c| c.get(&key))
+        {
+            return p.clone();
+        }
+        let peers = self.compute_peers(spec, policy_ns);
+        if let Some(cache) = self.peers_of_rule.borrow_mut().as_mut() {
+            cache.insert(key, peers.clone());
+        }
+        peers
+    }
+
+    fn compute_peers(&self, spec: &RuleSpec, policy_ns: &str) -> Peers {
         let Some(list) = &spec.peers else {
             return Peers::All;
         };

@@ -210,27 +210,33 @@ impl Engine {
             computed.insert(key.clone(), policy);
             Ok(policy)
         };
-        let mut wanted: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
-        for (ifindex, key) in &owner {
-            if let Some(policy) = policy_of(self, key, view, dp, &mut report)? {
-                wanted.insert(*ifindex, policy);
+        // Each rule's peers are computed once for all the endpoints (the
+        // view holds still meanwhile).
+        let view: &View = view;
+        let (wanted, wanted_pods) = view.batch(|view| -> Result<_, DatapathError> {
+            let mut wanted: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
+            for (ifindex, key) in &owner {
+                if let Some(policy) = policy_of(self, key, view, dp, &mut report)? {
+                    wanted.insert(*ifindex, policy);
+                }
             }
-        }
-        // Every pod scheduled here in a namespace with policies gets its
-        // policy ahead of its sandbox: ADD copies it, and the endpoint is
-        // never pending. Not isolated is said too (else ADD would wait).
-        let mut wanted_pods: BTreeMap<(String, String), EndpointPolicy> = BTreeMap::new();
-        let local: Vec<(String, String)> = view
-            .pods
-            .iter()
-            .filter(|(_, p)| p.node.as_deref() == Some(self.node.as_str()) && !p.host_network)
-            .filter(|(k, _)| namespaces.contains(&k.0))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in local {
-            let policy = policy_of(self, &key, view, dp, &mut report)?.unwrap_or_default();
-            wanted_pods.insert(key, policy);
-        }
+            // Every pod scheduled here in a namespace with policies gets its
+            // policy ahead of its sandbox: ADD copies it, and the endpoint is
+            // never pending. Not isolated is said too (else ADD would wait).
+            let mut wanted_pods: BTreeMap<(String, String), EndpointPolicy> = BTreeMap::new();
+            let local: Vec<(String, String)> = view
+                .pods
+                .iter()
+                .filter(|(_, p)| p.node.as_deref() == Some(self.node.as_str()) && !p.host_network)
+                .filter(|(k, _)| namespaces.contains(&k.0))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in local {
+                let policy = policy_of(self, &key, view, dp, &mut report)?.unwrap_or_default();
+                wanted_pods.insert(key, policy);
+            }
+            Ok((wanted, wanted_pods))
+        })?;
 
         for (key, policy) in &wanted_pods {
             if current_pods.get(key) != Some(policy) {
