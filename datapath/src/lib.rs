@@ -479,8 +479,12 @@ impl Datapath {
     }
 
     /// Removes every endpoint entry, counter and interface entry of `ifindex`.
+    /// Forgets everything keyed by host veth `ifindex`: its interface and
+    /// counter entries, its policy and its pod record (DEL, GC, a retried
+    /// ADD's leftovers).
     pub fn forget_interface(&self, ifindex: u32) -> Result<(), DatapathError> {
-        Ok(self.maps.forget_interface(ifindex)?)
+        self.maps.forget_interface(ifindex)?;
+        self.forget_endpoint_policy(ifindex)
     }
 
     pub fn endpoint(&self, ip: IpAddr) -> Result<Option<Endpoint>, DatapathError> {
