@@ -70,12 +70,13 @@ fn main() {
                 },
             )
             .expect("endpoint");
-            println!(
+            let report = format!(
                 "{} rules: {} port entries, {} peer entries",
                 rules.len(),
                 set.ports.len(),
                 set.peers.len()
             );
+            println!("{report}"); // stdout-ok: the tool's report
         }
         other => panic!("unknown mode {other}"),
     }

@@ -194,20 +194,13 @@ pub(crate) fn attachment(
 
 #[cfg(test)]
 mod tests {
+    use ferrite_test_support::hex;
     use std::os::fd::AsFd;
 
     use ferrite_netlink::wire::{self, NLM_F_ACK, NLM_F_REQUEST};
     use netlink_packet_core::{NetlinkDeserializable, NetlinkHeader};
 
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
 
     /// The attach batch for ifindex 7 is byte for byte what the hand-built
     /// messages before it sent (and kernel 6.18 accepted): RTM_NEWQDISC

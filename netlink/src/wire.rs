@@ -240,14 +240,7 @@ impl AttrWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use ferrite_test_support::hex;
 
     /// `ip route add 10.9.0.0/24 dev lo` (RTM_NEWROUTE, seq 42) sent into a
     /// fresh namespace whose lo is down, and what kernel 6.18 answered, read

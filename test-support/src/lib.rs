@@ -155,6 +155,16 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// Bytes from hex text, whitespace ignored ("0800 0100"): captures of
+/// what the kernel or a tool sends, pasted into tests.
+pub fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digits"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,7 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
     if let Some(dp) = Datapath::open(&conf.bpffs_root)
         .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?
     {
+        let mut veths: std::collections::BTreeSet<u32> = link.iter().map(|l| l.index).collect();
         for ip in &ips {
             let ifindex = match (&link, dp.endpoint(*ip)) {
                 (Some(l), _) => l.index,
@@ -43,11 +44,11 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
             };
             dp.remove_endpoint(*ip, ifindex)
                 .map_err(|e| datapath_error("cannot remove the endpoint from the map", &e))?;
-            dp.forget_endpoint_policy(ifindex)
-                .map_err(|e| datapath_error("cannot remove the endpoint's policy", &e))?;
+            veths.insert(ifindex);
         }
-        if let Some(l) = &link {
-            dp.forget_endpoint_policy(l.index)
+        // Once per veth, however many addresses it had.
+        for ifindex in veths {
+            dp.forget_endpoint_policy(ifindex)
                 .map_err(|e| datapath_error("cannot remove the endpoint's policy", &e))?;
         }
         if let (Some(l), true) = (&link, ips.is_empty()) {
