@@ -134,6 +134,8 @@ impl Datapath {
         pin::remove_stale_tmp_dirs(bpffs_root)?;
         let tmp = pin::tmp_dir(bpffs_root, DATAPATH_VERSION, std::process::id());
         pin::create_private_dir(&tmp)?;
+        // The maps every version shares are pinned there by the load.
+        pin::ensure_state_dir(bpffs_root)?;
         let published = load::load_and_pin(&tmp, options)
             .map_err(DatapathError::from)
             .and_then(|()| Ok(pin::publish(&tmp, &bpffs_root.join(DATAPATH_VERSION))?));

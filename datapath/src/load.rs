@@ -66,12 +66,6 @@ const POD_OBJECTS: usize = 2;
 /// Loads the pod programs' objects, pinning their maps (by name, shared
 /// between objects) and their programs into `dir`.
 pub(crate) fn load_and_pin(dir: &Path, options: &crate::LoadOptions) -> Result<(), LoadError> {
-    if let Some(root) = dir.parent() {
-        crate::pin::ensure_state_dir(root).map_err(|e| LoadError::Publish {
-            path: root.join(crate::pin::STATE_DIR),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    }
     for (name, bytes) in &OBJECTS[..POD_OBJECTS] {
         load_one(dir, name, bytes, &dir.join(name), options)?;
     }
