@@ -2,7 +2,8 @@
 /*
  * from_pod: tc ingress of the host veth: packets leaving the pod.
  *
- * Drops anything whose source IP or MAC is not the pod's own, redirects
+ * Drops anything whose source IP or MAC is not the pod's own, translates
+ * a packet for a Service into one for a backend (lib/service.h), redirects
  * packets for another pod on this node straight into it (bpf_redirect_peer,
  * or through its host veth's egress when a qdisc shapes what it receives),
  * and hands everything else to the host stack.
@@ -15,7 +16,9 @@
 #include "lib/common.h"
 #include "lib/flow.h"
 #include "lib/policy.h"
+#include "lib/reject.h"
 #include "lib/remote.h"
+#include "lib/service.h"
 #include "lib/stats.h"
 
 /* linux/if_arp.h needs libc headers; this is the Ethernet/IPv4 ARP body. */
@@ -103,14 +106,16 @@ static __always_inline int check_source(const union v6addr *saddr,
 
 /*
  * @dst (the destination's endpoint, or NULL) if @key may take the fast
- * path: a pod on this node behind another veth, and not a flow the host
- * stack delivered.
+ * path: a pod on this node behind another veth (or the sender itself, for
+ * a Service's hairpin, @translated), and not a flow the host stack
+ * delivered.
  */
 static __always_inline struct endpoint *fast_path_target(struct flow_key *key,
 							 struct endpoint *dst,
-							 __u32 ifindex)
+							 __u32 ifindex,
+							 int translated)
 {
-	if (!dst || dst->ifindex == ifindex)
+	if (!dst || (dst->ifindex == ifindex && !translated))
 		return NULL;
 	if (is_stack_flow(key))
 		return NULL;
@@ -134,25 +139,41 @@ static __always_inline int to_other_node(const struct flow_key *key)
  * to_uplink); one to the node itself is always allowed. Returns 0, or
  * TC_ACT_SHOT with the drop counted.
  */
+__noinline int judge_policy(int kind, __u32 ifindex, __u32 dst_ifindex);
+
 static __always_inline int check_policy(const struct flow_key *key, int kind,
 					const struct endpoint *dst,
 					__u32 ifindex)
 {
 	struct ep_policy *src = policy_of(ifindex);
 	struct ep_policy *dpol = dst ? policy_of(dst->ifindex) : NULL;
-	int check_egress = 1;
-	int reason;
 
 	if (!(policy_bits(src) | policy_bits(dpol)))
 		return 0;
-	if (policy_exempt(key))
+	return judge_policy(kind, ifindex, dst ? dst->ifindex : 0);
+}
+
+/*
+ * The rules' part of check_policy(), for the flow in the scratch key:
+ * global, so the verifier walks it once rather than on every path that
+ * reaches it.
+ */
+__noinline int judge_policy(int kind, __u32 ifindex, __u32 dst_ifindex)
+{
+	struct scratch *s = scratch();
+	struct ep_policy *src = policy_of(ifindex);
+	struct ep_policy *dpol = dst_ifindex ? policy_of(dst_ifindex) : NULL;
+	int check_egress = 1;
+	int reason;
+
+	if (!s || policy_exempt(&s->key))
 		return 0;
-	if (!dst && (is_service_address(&key->daddr) ||
-		     is_host_address(&key->daddr)))
+	if (!dst_ifindex && (is_service_address(&s->key.daddr) ||
+			     is_host_address(&s->key.daddr)))
 		check_egress = 0;
-	reason = policy_verdict(key, kind, src, dpol, check_egress);
+	reason = policy_verdict(&s->key, kind, src, dpol, check_egress);
 	if (reason)
-		return policy_drop(reason, ifindex, dst ? dst->ifindex : 0, src);
+		return policy_drop(reason, ifindex, dst_ifindex, src);
 	return 0;
 }
 
@@ -204,51 +225,113 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb)
 				   old_word, new_word, sizeof(new_word));
 }
 
+/* What a Service translation did to a packet (lib/service.h). */
+#define XLATE_NONE 0
+#define XLATE_FORWARD 1		/* a client's packet, now for a backend */
+#define XLATE_REVERSE 2		/* a backend's answer, to become the Service's */
+
 /*
- * What the parser and the policy say of a packet whose source checked
- * out: a drop reason, TC_ACT_SHOT (a policy drop, counted), TC_ACT_OK for
- * the stack, or FLOW_GO_ON towards a fast path. Every fragment of a
- * datagram goes to the stack, which reassembles, and so does what ferrite
- * does not route by flow. Sets @dst to the destination's endpoint, if on
- * this node.
+ * What the parser, the Services and the policy say of a packet whose
+ * source checked out (its flow in @s->key): a drop reason, TC_ACT_SHOT (a
+ * policy drop, counted), FLOW_REJECT (a Service without backends),
+ * TC_ACT_OK for the stack, or FLOW_GO_ON towards a fast path. Every
+ * fragment of a datagram goes to the stack, which reassembles, and so
+ * does what ferrite does not route by flow. The key becomes the flow as
+ * the backend sees it, which is what the policy judges; @dst the
+ * destination's endpoint, if on this node; @dir the translation
+ * (XLATE_*). @nat_ok is 0 where the packet cannot be translated (IPv6
+ * extension headers).
  */
 #define FLOW_GO_ON 1
+#define FLOW_REJECT 100
 
-static __always_inline int parsed_verdict(const struct flow_key *key, int kind,
-					  struct endpoint **dst, __u32 ifindex)
+static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
+				 int kind, int nat_ok, struct endpoint **dst,
+				 int *dir, __u32 ifindex)
 {
+	int svc_kind = nat_ok ? kind : FLOW_OTHER;
 	int ret;
 
+	*dir = XLATE_NONE;
 	if (kind == FLOW_MALFORMED)
 		return DROP_MALFORMED;
-	*dst = bpf_map_lookup_elem(&ferrite_endpts, &key->daddr);
-	ret = check_policy(key, kind, *dst, ifindex);
+	s->orig = s->key;
+	ret = svc_forward(svc_kind, skb->len);
+	if (ret < 0)
+		return ret;
+	if (ret == SVC_REJECT)
+		return FLOW_REJECT;
+	if (ret == SVC_XLATED)
+		*dir = XLATE_FORWARD;
+	*dst = bpf_map_lookup_elem(&ferrite_endpts, &s->key.daddr);
+	/* An answer from a backend goes to a client here, or to its Service. */
+	if (*dir == XLATE_NONE &&
+	    (*dst || is_service_address(&s->key.daddr)) &&
+	    svc_reverse(svc_kind) == SVC_XLATED) {
+		*dir = XLATE_REVERSE;
+		if (s->nat.what & SVC_NAT_DST)
+			*dst = bpf_map_lookup_elem(&ferrite_endpts, &s->key.daddr);
+	}
+	ret = check_policy(&s->key, kind, *dst, ifindex);
 	if (ret)
 		return ret;
 	return flow_is_routable(kind) ? FLOW_GO_ON : TC_ACT_OK;
 }
 
 /*
- * The verdict for a pod whose sending a chained plugin shapes: it sees
- * every packet the policy lets go (TC_ACT_UNSPEC).
+ * The packet goes to the host stack: a client's packet translated, a
+ * backend's answer as it is (the stack saw the flow untranslated, and
+ * to_pod translates the answer on its way into the client). A pod whose
+ * sending a chained plugin shapes (@via_stack) passes every packet on
+ * (TC_ACT_UNSPEC).
  */
-static __always_inline int stack_verdict(int ret)
+static __always_inline int to_stack(struct __sk_buff *skb, int dir,
+				    int via_stack)
 {
-	return ret == FLOW_GO_ON || ret == TC_ACT_OK ? TC_ACT_UNSPEC : ret;
+	if (dir == XLATE_FORWARD) {
+		int ret = svc_apply(skb);
+
+		if (ret)
+			return ret;
+	}
+	return via_stack ? TC_ACT_UNSPEC : TC_ACT_OK;
 }
 
-static __always_inline int handle_ipv4(struct __sk_buff *skb,
+/* Applies a translation before a redirect. */
+static __always_inline int translate(struct __sk_buff *skb, int dir)
+{
+	return dir == XLATE_NONE ? 0 : svc_apply(skb);
+}
+
+/* The "port unreachable" answer of a Service without backends. */
+static __always_inline int reject(struct __sk_buff *skb, __u32 ifindex)
+{
+	int ret = reject_packet(skb);
+
+	if (ret)
+		return ret;
+	return bpf_redirect_peer(ifindex, 0);
+}
+
+/* After a verdict from judge(): the answers that end the packet's way here. */
+static __always_inline int settled(int ret)
+{
+	return ret != FLOW_GO_ON && ret != TC_ACT_OK;
+}
+static __noinline int handle_ipv4(struct __sk_buff *skb,
 				       struct endpoint_stats *st, __u32 ifindex)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
-	struct flow_key key;
-	struct endpoint *dst;
+	struct scratch *sc = scratch();
+	struct endpoint *dst = NULL;
 	union v6addr saddr;
-	int via_stack, ret;
+	int via_stack, dir, ret;
 
+	if (!sc)
+		return DROP_MALFORMED;
 	if ((void *)(ip + 1) > data_end)
 		return DROP_MALFORMED;
 	if (ip->version != 4 || (ip->ihl & 0xf) < 5)
@@ -260,32 +343,48 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 		return ret;
 	via_stack = ret == TC_ACT_UNSPEC;
 
-	ret = parsed_verdict(&key, flow_of_ipv4(skb, &key, ETH_HLEN), &dst,
-			     ifindex);
-	if (via_stack)
-		return stack_verdict(ret);
-	if (ret != FLOW_GO_ON)
+	ret = judge(skb, sc, flow_of_ipv4(skb, &sc->key, ETH_HLEN), 1, &dst,
+		    &dir, ifindex);
+	if (ret == FLOW_REJECT)
+		return reject(skb, ifindex);
+	if (settled(ret))
 		return ret;
+	if (via_stack || ret == TC_ACT_OK)
+		return to_stack(skb, dir, via_stack);
 
 	/* TTL 1 goes to the stack, which answers with ICMP time exceeded. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + sizeof(struct ethhdr);
+	if ((void *)(ip + 1) > data_end)
+		return DROP_MALFORMED;
 	if (ip->ttl <= 1)
-		return TC_ACT_OK;
+		return to_stack(skb, dir, 0);
 	if (dst) {
-		dst = fast_path_target(&key, dst, ifindex);
+		dst = fast_path_target(&sc->key, dst, ifindex, dir != XLATE_NONE);
 		if (!dst)
-			return TC_ACT_OK;
+			return to_stack(skb, dir, 0);
 	} else {
 		struct bpf_fib_lookup fib = {};
 		long rc;
 
-		if (!to_other_node(&key))
-			return TC_ACT_OK;
+		if (!to_other_node(&sc->key))
+			return to_stack(skb, dir, 0);
+		ret = translate(skb, dir);
+		if (ret)
+			return ret;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + sizeof(struct ethhdr);
+		if ((void *)(ip + 1) > data_end)
+			return DROP_MALFORMED;
 		fib.family = FERRITE_AF_INET;
 		fib.tos = ip->tos;
 		fib.l4_protocol = ip->protocol;
 		fib.ipv4_src = ip->saddr;
 		fib.ipv4_dst = ip->daddr;
 		rc = fib_resolve(skb, &fib);
+		/* Translated already: the stack takes it as it is now. */
 		if (rc < 0)
 			return TC_ACT_OK;
 		if (decrement_ttl(skb) < 0)
@@ -294,6 +393,14 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb,
 		return fib_send(skb, &fib, rc);
 	}
 
+	ret = translate(skb, dir);
+	if (ret)
+		return ret;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return DROP_MALFORMED;
 	mac_copy(eth->h_dest, dst->pod_mac);
 	mac_copy(eth->h_source, dst->host_mac);
 	/* Invalidates packet pointers: nothing reads the packet after this. */
@@ -315,19 +422,20 @@ static __always_inline int is_neighbour_discovery(__u8 type)
 	return type >= NDISC_ROUTER_SOLICITATION && type <= NDISC_REDIRECT;
 }
 
-static __always_inline int handle_ipv6(struct __sk_buff *skb,
+static __noinline int handle_ipv6(struct __sk_buff *skb,
 				       struct endpoint_stats *st, __u32 ifindex)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
-	struct flow_key key;
-	struct endpoint *dst;
+	struct scratch *sc = scratch();
+	struct endpoint *dst = NULL;
 	union v6addr saddr;
-	__u8 hop_limit;
-	int via_stack, kind, ret;
+	int via_stack, dir, kind, nat_ok, ret;
 
+	if (!sc)
+		return DROP_MALFORMED;
 	if ((void *)(ip6 + 1) > data_end)
 		return DROP_MALFORMED;
 	if (ip6->version != 6)
@@ -354,7 +462,7 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 		return ret;
 	via_stack = ret == TC_ACT_UNSPEC;
 
-	kind = flow_of_ipv6(skb, &key, ETH_HLEN);
+	kind = flow_of_ipv6(skb, &sc->key, ETH_HLEN);
 	if (kind == FLOW_MALFORMED)
 		return DROP_MALFORMED;
 	/* flow_of_ipv6 reads with helpers: reload the pointers it may move. */
@@ -372,32 +480,49 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 		if (is_neighbour_discovery(icmp6->type))
 			return via_stack ? TC_ACT_UNSPEC : TC_ACT_OK;
 	}
-	hop_limit = ip6->hop_limit;
+	/* Translation rewrites a transport header right after the IPv6 one. */
+	nat_ok = ip6->nexthdr == sc->key.proto;
 
-	ret = parsed_verdict(&key, kind, &dst, ifindex);
-	if (via_stack)
-		return stack_verdict(ret);
-	if (ret != FLOW_GO_ON)
+	ret = judge(skb, sc, kind, nat_ok, &dst, &dir, ifindex);
+	if (ret == FLOW_REJECT)
+		return reject(skb, ifindex);
+	if (settled(ret))
 		return ret;
+	if (via_stack || ret == TC_ACT_OK)
+		return to_stack(skb, dir, via_stack);
 
-	if (hop_limit <= 1)
-		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip6 = data + sizeof(struct ethhdr);
+	if ((void *)(ip6 + 1) > data_end)
+		return DROP_MALFORMED;
+	if (ip6->hop_limit <= 1)
+		return to_stack(skb, dir, 0);
 	if (dst) {
-		dst = fast_path_target(&key, dst, ifindex);
+		dst = fast_path_target(&sc->key, dst, ifindex, dir != XLATE_NONE);
 		if (!dst)
-			return TC_ACT_OK;
+			return to_stack(skb, dir, 0);
 	} else {
 		struct bpf_fib_lookup fib = {};
 		long rc;
 
-		if (!to_other_node(&key))
-			return TC_ACT_OK;
+		if (!to_other_node(&sc->key))
+			return to_stack(skb, dir, 0);
+		ret = translate(skb, dir);
+		if (ret)
+			return ret;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip6 = data + sizeof(struct ethhdr);
+		if ((void *)(ip6 + 1) > data_end)
+			return DROP_MALFORMED;
 		fib.family = FERRITE_AF_INET6;
 		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
 		fib.l4_protocol = ip6->nexthdr;
 		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, sizeof(fib.ipv6_src));
 		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, sizeof(fib.ipv6_dst));
 		rc = fib_resolve(skb, &fib);
+		/* Translated already: the stack takes it as it is now. */
 		if (rc < 0)
 			return TC_ACT_OK;
 		/* fib_resolve may move the packet: reload before writing. */
@@ -411,6 +536,15 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb,
 		return fib_send(skb, &fib, rc);
 	}
 
+	ret = translate(skb, dir);
+	if (ret)
+		return ret;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > data_end)
+		return DROP_MALFORMED;
 	mac_copy(eth->h_dest, dst->pod_mac);
 	mac_copy(eth->h_source, dst->host_mac);
 	ip6->hop_limit--;

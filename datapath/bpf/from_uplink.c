@@ -13,8 +13,10 @@
  * kube-proxy's rules). So do fragments (all of them: conntrack gathers a
  * datagram) and packets whose TTL runs out here. A packet claiming to
  * come from a pod of this node is dropped and counted, and so is one the
- * destination's NetworkPolicy ingress rules refuse. Everything else passes on (TC_ACT_UNSPEC), untouched, to
- * whatever else the shared uplink runs, and then to the stack.
+ * destination's NetworkPolicy ingress rules refuse. A backend's answer to
+ * a Service flow a pod of this node began gets the Service's address
+ * before it goes in. Everything else passes on (TC_ACT_UNSPEC), untouched,
+ * to whatever else the shared uplink runs, and then to the stack.
  */
 #include <stddef.h>
 #include <linux/if_ether.h>
@@ -26,6 +28,7 @@
 #include "lib/flow.h"
 #include "lib/policy.h"
 #include "lib/remote.h"
+#include "lib/service.h"
 #include "lib/stats.h"
 
 /* The IPv4 header checksum after the TTL went down by one. */
@@ -93,8 +96,10 @@ int from_uplink(struct __sk_buff *skb)
 	struct endpoint_stats *st;
 	struct endpoint *dst;
 	struct ep_policy *pol;
+	struct scratch *sc = scratch();
 	struct flow_key key;
 	union v6addr src;
+	int xlated = 0;
 	struct ethhdr *eth;
 	void *data, *data_end;
 	int kind, down;
@@ -122,6 +127,14 @@ int from_uplink(struct __sk_buff *skb)
 	}
 	if (is_stack_flow(&key))
 		return TC_ACT_UNSPEC;
+	if (sc) {
+		sc->key = key;
+		sc->orig = key;
+		xlated = svc_reverse(kind) == SVC_XLATED;
+		/* A hairpin's answer never crosses nodes. */
+		if (xlated && (sc->nat.what & SVC_NAT_DST))
+			return TC_ACT_UNSPEC;
+	}
 	pol = policy_of(dst->ifindex);
 	if (pol && !policy_exempt(&key)) {
 		int reason = policy_verdict(&key, kind, NULL, pol, 0);
@@ -137,6 +150,8 @@ int from_uplink(struct __sk_buff *skb)
 	else
 		down = hop_down_ipv6(skb);
 	if (down < 0)
+		return TC_ACT_UNSPEC;
+	if (xlated && svc_apply(skb))
 		return TC_ACT_UNSPEC;
 
 	data = (void *)(long)skb->data;

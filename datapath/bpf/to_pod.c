@@ -11,6 +11,9 @@
  * Records the reverse tuple of each flow in ferrite_stkflow, so the pod's
  * answers go back through the host stack too: conntrack must see them to
  * undo the NAT of Services (kube-proxy DNAT) and hostPorts (portmap).
+ *
+ * A backend's answer to a Service flow from_pod translated, which the
+ * stack carried here untranslated, gets the Service's address now.
  */
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -19,6 +22,7 @@
 #include "lib/common.h"
 #include "lib/flow.h"
 #include "lib/policy.h"
+#include "lib/service.h"
 #include "lib/stats.h"
 
 /*
@@ -53,6 +57,7 @@ SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
 	struct endpoint_stats *st;
+	struct scratch *sc = scratch();
 	struct flow_key key;
 	int kind;
 
@@ -76,6 +81,14 @@ int to_pod(struct __sk_buff *skb)
 	kind = flow_of_frame(skb, &key);
 	if (check_policy(&key, kind, skb->ifindex))
 		return TC_ACT_SHOT;
+	/* (Only an IPv6 extension header makes svc_apply fail: as it is.) */
+	if (sc) {
+		sc->key = key;
+		sc->orig = key;
+		if (svc_reverse(kind) == SVC_XLATED &&
+		    !(sc->nat.what & SVC_NAT_DST))
+			svc_apply(skb);
+	}
 	if (flow_is_recordable(kind))
 		remember_reply(&key);
 	return TC_ACT_OK;

@@ -12,6 +12,7 @@ mod load;
 mod maps;
 pub mod pin;
 pub mod policy;
+pub mod service;
 mod sys;
 mod tc;
 mod tcx;
@@ -57,6 +58,9 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 pub struct LoadOptions {
     /// Flows the connection-tracking table holds (None: 262,144).
     pub conntrack_entries: Option<u32>,
+    /// Flows to Services whose backend is remembered (None: 65,536; two
+    /// tables of that size, one for each direction).
+    pub service_conntrack_entries: Option<u32>,
 }
 
 /// Whether [`Datapath::open_or_load`] found the pins or made them.

@@ -109,6 +109,10 @@ fn load_one(
     if let Some(n) = options.conntrack_entries {
         loader.map_max_entries("ferrite_ct", n);
     }
+    if let Some(n) = options.service_conntrack_entries {
+        loader.map_max_entries("ferrite_svcct", n);
+        loader.map_max_entries("ferrite_svcrev", n);
+    }
     // The state maps: an earlier version's are reused as they are.
     for (m, path) in crate::pin::STATE_MAPS.iter().zip(&state) {
         loader.map_pin_path(m, path.as_path());

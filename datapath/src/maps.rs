@@ -48,7 +48,7 @@ fn on(map: &'static str) -> impl FnOnce(SysError) -> MapError {
 }
 
 /// How many per-CPU values the kernel copies for a per-CPU map.
-fn possible_cpus() -> Result<usize, MapError> {
+pub(crate) fn possible_cpus() -> Result<usize, MapError> {
     static CPUS: OnceLock<usize> = OnceLock::new();
     if let Some(n) = CPUS.get() {
         return Ok(*n);

@@ -8,6 +8,7 @@
 //!                        ferrite_podnets, ferrite_eppol, ferrite_polport,
 //!                        ferrite_polpeer, ferrite_hostips, ferrite_svcnets,
 //!                        ferrite_ct                                        map pins
+//! <bpffs_root>/state-1/ferrite_ct, ferrite_svc, ...   maps every version shares (STATE_MAPS)
 //! <bpffs_root>/tmp-<version>-<pid>/  a loader's work in progress, renamed to <version> when complete
 //! ```
 //! A version directory is complete once it exists: it appears by `rename(2)`.
@@ -42,14 +43,14 @@ pub(crate) const IFACES_MAP: &str = "ferrite_ifaces";
 pub(crate) const STATS_MAP: &str = "ferrite_stats";
 pub(crate) const STACKFLOW_MAP: &str = "ferrite_stkflow";
 
-/// The maps that carry state across datapath versions (NetworkPolicy and
-/// connection tracking): pinned once under `<bpffs_root>/STATE_DIR/`, and
+/// The maps that carry state across datapath versions (NetworkPolicy,
+/// Services and connection tracking): pinned once under `<bpffs_root>/STATE_DIR/`, and
 /// every version's programs use the same ones, so an upgrade keeps the
 /// policies and the flows. Their definitions (type, key, value, size) are
 /// the layout `STATE_DIR` names: change one and the name must change
 /// (datapath/tests/datapath/load.rs holds them and says so).
 pub(crate) const STATE_DIR: &str = "state-1";
-pub(crate) const STATE_MAPS: [&str; 9] = [
+pub(crate) const STATE_MAPS: [&str; 16] = [
     "ferrite_ct",
     "ferrite_eppol",
     "ferrite_polport",
@@ -59,6 +60,13 @@ pub(crate) const STATE_MAPS: [&str; 9] = [
     "ferrite_polns",
     "ferrite_podids",
     "ferrite_podpol",
+    "ferrite_svc",
+    "ferrite_svcslot",
+    "ferrite_backend",
+    "ferrite_svcct",
+    "ferrite_svcrev",
+    "ferrite_svcaff",
+    "ferrite_svcstat",
 ];
 
 /// Where map `name` is pinned for the version directory `version_dir`.

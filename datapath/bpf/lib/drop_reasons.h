@@ -37,6 +37,10 @@
 #define DROP_POLICY_EGRESS -139
 /* The endpoint's policy is not programmed yet (it starts closed). */
 #define DROP_POLICY_PENDING -140
+/* A Service's backends changed while its packet chose one: none usable. */
+#define DROP_SVC_NO_BACKEND -141
+/* A Service without backends: its "unreachable" answer could not be built. */
+#define DROP_SVC_REJECT -142
 
 /* First code, and how many counter slots ferrite_stats reserves for drops. */
 #define DROP_REASON_FIRST DROP_SPOOFED_IP

@@ -1,7 +1,7 @@
 //! Guards and helpers: a private bpffs per test, a private netns per test
 //! (on its own thread), pods with addresses and MACs.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, process::Command};
 
 use ferrite_datapath::{Datapath, Endpoint, LoadOutcome};
 
@@ -83,4 +83,24 @@ impl Pod {
             .expect("upsert_endpoint");
         *self
     }
+}
+
+/// Host veths the programs can run "on": BPF_PROG_TEST_RUN needs a real
+/// device for each sender. One end of a veth pair each, in the test's netns.
+pub fn devices(n: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| {
+            let (a, b) = (format!("pv{i}"), format!("pw{i}"));
+            let st = Command::new("ip")
+                .args(["link", "add", &a, "type", "veth", "peer", "name", &b])
+                .status()
+                .expect("ip link add");
+            assert!(st.success(), "ip link add {a}");
+            let name = std::ffi::CString::new(a).unwrap();
+            // SAFETY: a valid NUL-terminated name.
+            let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(idx, 0, "ifindex of pv{i}");
+            idx
+        })
+        .collect()
 }

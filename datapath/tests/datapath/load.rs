@@ -77,6 +77,13 @@ fn second_open_or_load_opens_the_pins() {
         ("ferrite_polns", "1 64 4 4096 0x1"),
         ("ferrite_podids", "1 4 320 16384 0x1"),
         ("ferrite_podpol", "1 320 24 16384 0x1"),
+        ("ferrite_svc", "1 20 16 65536 0x1"),
+        ("ferrite_svcslot", "1 8 4 262144 0x1"),
+        ("ferrite_backend", "1 4 32 65536 0x1"),
+        ("ferrite_svcct", "9 40 16 65536 0x0"),
+        ("ferrite_svcrev", "9 40 40 65536 0x0"),
+        ("ferrite_svcaff", "9 24 16 65536 0x0"),
+        ("ferrite_svcstat", "5 4 32 65536 0x1"),
     ];
     let got: Vec<(&str, &str)> = layouts
         .iter()
@@ -210,6 +217,7 @@ fn the_flow_table_takes_its_size_from_the_first_load() {
     let root = bpffs.root();
     let options = ferrite_datapath::LoadOptions {
         conntrack_entries: Some(4096),
+        service_conntrack_entries: Some(2048),
     };
     let (dp, outcome) = Datapath::open_or_load_with(&root, &options).unwrap();
     assert_eq!(outcome, LoadOutcome::Loaded);

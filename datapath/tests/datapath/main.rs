@@ -11,3 +11,4 @@ mod load;
 mod maps;
 mod policy;
 mod programs;
+mod services;

@@ -6,7 +6,6 @@
 
 use std::{
     net::IpAddr,
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -16,7 +15,7 @@ use ferrite_datapath::{
 };
 
 use crate::{
-    harness::{in_netns, load, privileged, Loaded, Pod},
+    harness::{devices, in_netns, load, privileged, Loaded, Pod},
     packet::*,
 };
 
@@ -64,26 +63,6 @@ const V6: Family = Family {
 
 fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-/// Host veths the programs can run "on": BPF_PROG_TEST_RUN needs a real
-/// device for each sender. One end of a veth pair each, in the test's netns.
-fn devices(n: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| {
-            let (a, b) = (format!("pv{i}"), format!("pw{i}"));
-            let st = Command::new("ip")
-                .args(["link", "add", &a, "type", "veth", "peer", "name", &b])
-                .status()
-                .expect("ip link add");
-            assert!(st.success(), "ip link add {a}");
-            let name = std::ffi::CString::new(a).unwrap();
-            // SAFETY: a valid NUL-terminated name.
-            let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(idx, 0, "ifindex of pv{i}");
-            idx
-        })
-        .collect()
 }
 
 /// The datapath as the agent leaves it: pod CIDRs, Service CIDRs and the

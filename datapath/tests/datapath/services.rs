@@ -1,0 +1,608 @@
+//! Services in the programs (issue 14): a pod's packet to a frontend is
+//! translated to a backend at from_pod and the answer back (from_pod,
+//! from_uplink, to_pod), checksums stay right, affinity holds, a frontend
+//! without backends answers "port unreachable", a backend reaches its own
+//! Service (hairpin), a flow leaves a backend that went away, and
+//! NetworkPolicy judges the backend. Both address families, TCP and UDP.
+
+use std::net::IpAddr;
+
+use ferrite_datapath::{
+    policy::{encode, Cidr, EndpointPolicy, Peers, Ports, Rule, RuleSetRef},
+    service::{Backend, Frontend, FrontendState, ServiceMaps},
+    DropReason, Program, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+};
+
+use crate::{
+    harness::{devices, in_netns, load, privileged, Loaded, Pod},
+    packet::*,
+};
+
+const UPLINK: u32 = 1;
+const NODE_MAC: [u8; 6] = [0; 6];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xcc, 1];
+
+struct Family {
+    a: &'static str,
+    b: &'static str,
+    c: &'static str,
+    remote_pod: &'static str,
+    vip: &'static str,
+    pods: (&'static str, u8),
+    services: (&'static str, u8),
+}
+
+const V4: Family = Family {
+    a: "10.244.1.2",
+    b: "10.244.1.3",
+    c: "10.244.1.4",
+    remote_pod: "10.244.2.5",
+    vip: "10.96.0.10",
+    pods: ("10.244.0.0", 16),
+    services: ("10.96.0.0", 16),
+};
+
+const V6: Family = Family {
+    a: "fd00:10:244:1::2",
+    b: "fd00:10:244:1::3",
+    c: "fd00:10:244:1::4",
+    remote_pod: "fd00:10:244:2::5",
+    vip: "fd00:96::10",
+    pods: ("fd00:10:244::", 48),
+    services: ("fd00:96::", 108),
+};
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn families() -> [(&'static Family, u8); 2] {
+    [(&V4, 0), (&V6, 10)]
+}
+
+/// The datapath as the agent leaves it: pod and Service CIDRs known.
+fn node(test: &str) -> Loaded {
+    let t = load(test);
+    t.dp.set_cluster_cidrs(&[(addr(V4.pods.0), V4.pods.1), (addr(V6.pods.0), V6.pods.1)])
+        .unwrap();
+    t.dp.load_uplink().unwrap();
+    t.dp.policy_maps()
+        .unwrap()
+        .set_service_cidrs(&[
+            (addr(V4.services.0), V4.services.1),
+            (addr(V6.services.0), V6.services.1),
+        ])
+        .unwrap();
+    t
+}
+
+/// Writes a frontend with `backends` (address, port, terminating); ids
+/// from `first_id` (frontend) and `first_id * 100 + i` (backends).
+fn service(
+    m: &ServiceMaps,
+    fe: Frontend,
+    first_id: u32,
+    backends: &[(IpAddr, u16, bool)],
+    affinity: Option<u32>,
+) -> FrontendState {
+    let mut active = Vec::new();
+    for (i, &(addr, port, terminating)) in backends.iter().enumerate() {
+        let id = first_id * 100 + i as u32;
+        m.set_backend(
+            id,
+            &Backend {
+                frontend: first_id,
+                addr,
+                port,
+                terminating,
+            },
+        )
+        .unwrap();
+        if !terminating {
+            active.push(id);
+        }
+    }
+    let st = FrontendState {
+        id: first_id,
+        backends: active,
+        affinity_timeout: affinity,
+    };
+    m.set_frontend(&fe, &st).unwrap();
+    st
+}
+
+fn fe(vip: &str, port: u16, proto: u8) -> Frontend {
+    Frontend {
+        addr: addr(vip),
+        port,
+        proto,
+    }
+}
+
+/// The transport header with a correct checksum (pseudo-header included).
+fn l4(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = if proto == IPPROTO_TCP {
+        tcp(sport, dport)
+    } else {
+        udp(sport, dport)
+    };
+    let at = if proto == IPPROTO_TCP { 16 } else { 6 };
+    h[at..at + 2].copy_from_slice(&[0, 0]);
+    let sum = checksum(&[pseudo(src, dst, proto, h.len()), h.clone()].concat());
+    h[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&[0, proto]);
+            p.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&(len as u32).to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => panic!("mixed families"),
+    }
+    p
+}
+
+/// A frame `from` sends (from its MAC to its host veth's).
+fn sent(from: &Pod, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    ip(
+        from.mac,
+        from.host_mac,
+        from.ip,
+        dst,
+        proto,
+        64,
+        &l4(from.ip, dst, proto, sport, dport),
+    )
+}
+
+/// What a frame says: (source, source port, destination, destination
+/// port), after checking its IP and transport checksums.
+fn seen(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16) {
+    let v6 = u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6;
+    let (src, dst, proto, l4): (IpAddr, IpAddr, u8, &[u8]) = if v6 {
+        let s: [u8; 16] = frame[22..38].try_into().unwrap();
+        let d: [u8; 16] = frame[38..54].try_into().unwrap();
+        (s.into(), d.into(), frame[20], &frame[54..])
+    } else {
+        assert_eq!(checksum(&frame[14..34]), 0, "IPv4 header checksum");
+        let s: [u8; 4] = frame[26..30].try_into().unwrap();
+        let d: [u8; 4] = frame[30..34].try_into().unwrap();
+        (s.into(), d.into(), frame[23], &frame[34..])
+    };
+    assert_eq!(
+        checksum(&[pseudo(src, dst, proto, l4.len()), l4.to_vec()].concat()),
+        0,
+        "transport checksum of {src} -> {dst}"
+    );
+    let port = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+    (src, port(0), dst, port(2))
+}
+
+fn run(t: &Loaded, program: Program, pkt: &[u8], ifindex: u32) -> (i32, Vec<u8>) {
+    let r = t.dp.test_run(program, pkt, ifindex).unwrap();
+    (r.verdict, r.packet)
+}
+
+const PROTOS: [u8; 2] = [IPPROTO_TCP, IPPROTO_UDP];
+
+/// Same node: the client's packet reaches the backend translated (and is
+/// redirected into it), the answer reaches the client from the Service's
+/// address; later packets keep the backend; counters count.
+#[test]
+fn clusterip_translates_both_ways() {
+    if !privileged("clusterip_translates_both_ways") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcboth");
+        let dev = devices(4);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let i = usize::from(n / 10) * 2;
+            let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
+            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            for (k, proto) in PROTOS.into_iter().enumerate() {
+                let id = 1 + u32::from(n) + k as u32;
+                service(&m, fe(f.vip, 80, proto), id, &[(b.ip, 8080, false)], None);
+                let vip = addr(f.vip);
+                let (v, out) = run(
+                    &t,
+                    Program::FromPod,
+                    &sent(&a, vip, proto, 40000, 80),
+                    a.ifindex,
+                );
+                assert_eq!(v, TC_ACT_REDIRECT, "{} proto {proto}", f.a);
+                assert_eq!(seen(&out), (a.ip, 40000, b.ip, 8080), "to the backend");
+                assert_eq!(&out[..6], &b.mac, "into the backend's eth0");
+
+                let (v, out) = run(
+                    &t,
+                    Program::FromPod,
+                    &sent(&b, a.ip, proto, 8080, 40000),
+                    b.ifindex,
+                );
+                assert_eq!(v, TC_ACT_REDIRECT);
+                assert_eq!(
+                    seen(&out),
+                    (vip, 80, a.ip, 40000),
+                    "the answer from the Service"
+                );
+                assert_eq!(&out[..6], &a.mac);
+
+                // Unrelated traffic between the pods is untouched.
+                let (v, out) = run(
+                    &t,
+                    Program::FromPod,
+                    &sent(&b, a.ip, proto, 8080, 40001),
+                    b.ifindex,
+                );
+                assert_eq!(v, TC_ACT_REDIRECT);
+                assert_eq!(seen(&out), (b.ip, 8080, a.ip, 40001));
+
+                run(
+                    &t,
+                    Program::FromPod,
+                    &sent(&a, vip, proto, 40000, 80),
+                    a.ifindex,
+                );
+                let s = m.stats(id).unwrap().unwrap();
+                assert_eq!((s.packets, s.flows, s.rejected), (2, 1, 0), "{id}: {s:?}");
+            }
+        }
+    });
+}
+
+/// The backend on another node: the translated packet leaves (here the
+/// test netns has no route, so the stack takes it, translated); the
+/// answer comes back through from_uplink, or through the stack (to_pod),
+/// and reaches the client from the Service's address either way.
+#[test]
+fn answers_from_another_node_are_translated_on_the_way_in() {
+    if !privileged("answers_from_another_node_are_translated_on_the_way_in") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcremote");
+        let dev = devices(2);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let a = Pod::new(f.a, dev[usize::from(n / 10)], 1 + n).add_to(&t.dp);
+            let (vip, remote) = (addr(f.vip), addr(f.remote_pod));
+            service(
+                &m,
+                fe(f.vip, 53, IPPROTO_UDP),
+                1 + u32::from(n),
+                &[(remote, 5353, false)],
+                None,
+            );
+            let (v, out) = run(
+                &t,
+                Program::FromPod,
+                &sent(&a, vip, IPPROTO_UDP, 41000, 53),
+                a.ifindex,
+            );
+            assert_eq!(v, TC_ACT_OK, "no route in the test netns: the stack");
+            assert_eq!(
+                seen(&out),
+                (a.ip, 41000, remote, 5353),
+                "translated for the stack"
+            );
+
+            let answer = ip(
+                PEER_MAC,
+                NODE_MAC,
+                remote,
+                a.ip,
+                IPPROTO_UDP,
+                63,
+                &l4(remote, a.ip, IPPROTO_UDP, 5353, 41000),
+            );
+            let (v, out) = run(&t, Program::FromUplink, &answer, UPLINK);
+            assert_eq!(v, TC_ACT_REDIRECT);
+            assert_eq!(seen(&out), (vip, 53, a.ip, 41000), "from_uplink");
+
+            let (v, out) = run(&t, Program::ToPod, &answer, a.ifindex);
+            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(seen(&out), (vip, 53, a.ip, 41000), "to_pod");
+        }
+    });
+}
+
+/// sessionAffinity ClientIP: every flow of a client goes to one backend;
+/// without it, flows spread over both.
+#[test]
+fn affinity_keeps_a_client_on_one_backend() {
+    if !privileged("affinity_keeps_a_client_on_one_backend") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcaff");
+        let dev = devices(6);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let i = usize::from(n / 10) * 3;
+            let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
+            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            let c = Pod::new(f.c, dev[i + 2], 3 + n).add_to(&t.dp);
+            let backends = [(b.ip, 8080, false), (c.ip, 8080, false)];
+            let servers = |port: u16| {
+                let mut got = std::collections::BTreeSet::new();
+                for sport in 42000..42040 {
+                    let pkt = sent(&a, addr(f.vip), IPPROTO_TCP, sport, port);
+                    let (v, out) = run(&t, Program::FromPod, &pkt, a.ifindex);
+                    assert_eq!(v, TC_ACT_REDIRECT);
+                    got.insert(seen(&out).2);
+                }
+                got
+            };
+            service(
+                &m,
+                fe(f.vip, 80, IPPROTO_TCP),
+                1 + u32::from(n),
+                &backends,
+                None,
+            );
+            assert_eq!(servers(80).len(), 2, "{}: 40 flows, both backends", f.vip);
+            service(
+                &m,
+                fe(f.vip, 81, IPPROTO_TCP),
+                2 + u32::from(n),
+                &backends,
+                Some(10800),
+            );
+            assert_eq!(servers(81).len(), 1, "{}: affinity", f.vip);
+        }
+    });
+}
+
+/// A frontend without backends answers "port unreachable" into the
+/// client, from the Service's address, quoting the packet.
+#[test]
+fn no_backend_answers_port_unreachable() {
+    if !privileged("no_backend_answers_port_unreachable") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcreject");
+        let dev = devices(2);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let a = Pod::new(f.a, dev[usize::from(n / 10)], 1 + n).add_to(&t.dp);
+            let vip = addr(f.vip);
+            for (k, proto) in PROTOS.into_iter().enumerate() {
+                let id = 1 + u32::from(n) + k as u32;
+                service(&m, fe(f.vip, 80, proto), id, &[], None);
+                let pkt = sent(&a, vip, proto, 43000, 80);
+                let (v, out) = run(&t, Program::FromPod, &pkt, a.ifindex);
+                assert_eq!(v, TC_ACT_REDIRECT, "back into the client");
+                assert_eq!(&out[..6], &a.mac);
+                assert_eq!(&out[6..12], &a.host_mac);
+                let (icmp, quoted) = if n == 0 {
+                    assert_eq!(out[23], IPPROTO_ICMP);
+                    assert_eq!(checksum(&out[14..34]), 0, "IPv4 header checksum");
+                    assert_eq!(&out[26..30], &v4(vip).octets());
+                    assert_eq!(&out[30..34], &v4(a.ip).octets());
+                    assert_eq!(checksum(&out[34..]), 0, "ICMP checksum");
+                    (&out[34..], 28)
+                } else {
+                    assert_eq!(out[20], IPPROTO_ICMPV6);
+                    let s: [u8; 16] = out[22..38].try_into().unwrap();
+                    let d: [u8; 16] = out[38..54].try_into().unwrap();
+                    assert_eq!((IpAddr::from(s), IpAddr::from(d)), (vip, a.ip));
+                    let body = &out[54..];
+                    let sum = checksum(
+                        &[pseudo(vip, a.ip, IPPROTO_ICMPV6, body.len()), body.to_vec()].concat(),
+                    );
+                    assert_eq!(sum, 0, "ICMPv6 checksum");
+                    (body, 48)
+                };
+                let want = if n == 0 { [3, 3] } else { [1, 4] };
+                assert_eq!(&icmp[..2], &want, "port unreachable");
+                assert_eq!(&icmp[8..], &pkt[14..14 + quoted], "quotes the packet");
+                assert_eq!(m.stats(id).unwrap().unwrap().rejected, 1);
+            }
+        }
+    });
+}
+
+/// A backend reaching its own Service: it sees the connection come from
+/// the Service's address, and its answer goes back to itself from there.
+#[test]
+fn hairpin_a_backend_reaches_its_own_service() {
+    if !privileged("hairpin_a_backend_reaches_its_own_service") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svchairpin");
+        let dev = devices(2);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let a = Pod::new(f.a, dev[usize::from(n / 10)], 1 + n).add_to(&t.dp);
+            let vip = addr(f.vip);
+            service(
+                &m,
+                fe(f.vip, 80, IPPROTO_TCP),
+                1 + u32::from(n),
+                &[(a.ip, 8080, false)],
+                None,
+            );
+            let (v, out) = run(
+                &t,
+                Program::FromPod,
+                &sent(&a, vip, IPPROTO_TCP, 44000, 80),
+                a.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT, "{}: back into itself", f.a);
+            assert_eq!(seen(&out), (vip, 44000, a.ip, 8080));
+            let (v, out) = run(
+                &t,
+                Program::FromPod,
+                &sent(&a, vip, IPPROTO_TCP, 8080, 44000),
+                a.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT);
+            assert_eq!(
+                seen(&out),
+                (vip, 80, a.ip, 44000),
+                "the answer, from the Service"
+            );
+        }
+    });
+}
+
+/// A backend that goes away: a UDP flow moves on its next packet when its
+/// backend is terminating or removed; a TCP flow finishes on a
+/// terminating backend and moves only when the backend is gone.
+#[test]
+fn flows_leave_a_backend_that_went_away() {
+    if !privileged("flows_leave_a_backend_that_went_away") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcgone");
+        let dev = devices(6);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let i = usize::from(n / 10) * 3;
+            let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
+            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            let c = Pod::new(f.c, dev[i + 2], 3 + n).add_to(&t.dp);
+            let vip = addr(f.vip);
+            for (k, proto) in PROTOS.into_iter().enumerate() {
+                let id = 1 + u32::from(n) + k as u32;
+                let to_b = service(&m, fe(f.vip, 80, proto), id, &[(b.ip, 8080, false)], None);
+                let pkt = sent(&a, vip, proto, 45000, 80);
+                let server = || {
+                    let (v, out) = run(&t, Program::FromPod, &pkt, a.ifindex);
+                    assert_eq!(v, TC_ACT_REDIRECT);
+                    seen(&out).2
+                };
+                assert_eq!(server(), b.ip);
+                // C joins, B terminates (its backend id stays).
+                m.set_backend(
+                    id * 100 + 1,
+                    &Backend {
+                        frontend: id,
+                        addr: c.ip,
+                        port: 8080,
+                        terminating: false,
+                    },
+                )
+                .unwrap();
+                m.set_frontend(
+                    &fe(f.vip, 80, proto),
+                    &FrontendState {
+                        backends: vec![id * 100 + 1],
+                        ..to_b.clone()
+                    },
+                )
+                .unwrap();
+                m.set_backend(
+                    id * 100,
+                    &Backend {
+                        frontend: id,
+                        addr: b.ip,
+                        port: 8080,
+                        terminating: true,
+                    },
+                )
+                .unwrap();
+                let want = if proto == IPPROTO_TCP { b.ip } else { c.ip };
+                assert_eq!(server(), want, "proto {proto}: terminating");
+                m.remove_backend(id * 100).unwrap();
+                assert_eq!(server(), c.ip, "proto {proto}: gone");
+            }
+        }
+    });
+}
+
+/// NetworkPolicy judges the backend: its ingress rules see the client's
+/// address and the backend's port, and a refused flow is counted there.
+#[test]
+fn policy_judges_the_backend_after_translation() {
+    if !privileged("policy_judges_the_backend_after_translation") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcpolicy");
+        let dev = devices(6);
+        let m = t.dp.service_maps().unwrap();
+        let pm = t.dp.policy_maps().unwrap();
+        for (f, n) in families() {
+            let i = usize::from(n / 10) * 3;
+            let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
+            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            let c = Pod::new(f.c, dev[i + 2], 3 + n).add_to(&t.dp);
+            // B admits A on 8080 (the backend's port), nobody else.
+            let rules = [Rule {
+                peers: Peers::Some(vec![Cidr::host(a.ip)]),
+                ports: Ports::Some(vec![ferrite_datapath::policy::PortRange {
+                    proto: IPPROTO_TCP,
+                    first: 8080,
+                    last: 8080,
+                }]),
+            }];
+            let enc = encode(&rules).unwrap();
+            let set = 10 + u32::from(n);
+            pm.write_rule_set(set, &enc).unwrap();
+            pm.set_endpoint(
+                b.ifindex,
+                &EndpointPolicy {
+                    ingress: Some(RuleSetRef {
+                        id: set,
+                        words: enc.words,
+                    }),
+                    egress: None,
+                    pending: false,
+                },
+            )
+            .unwrap();
+            service(
+                &m,
+                fe(f.vip, 80, IPPROTO_TCP),
+                1 + u32::from(n),
+                &[(b.ip, 8080, false)],
+                None,
+            );
+            let vip = addr(f.vip);
+            let (v, _) = run(
+                &t,
+                Program::FromPod,
+                &sent(&a, vip, IPPROTO_TCP, 46000, 80),
+                a.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT, "{}: A is admitted", f.b);
+            let (v, _) = run(
+                &t,
+                Program::FromPod,
+                &sent(&b, a.ip, IPPROTO_TCP, 8080, 46000),
+                b.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT, "the answer passes as an answer");
+            let (v, _) = run(
+                &t,
+                Program::FromPod,
+                &sent(&c, vip, IPPROTO_TCP, 46001, 80),
+                c.ifindex,
+            );
+            assert_eq!(v, TC_ACT_SHOT, "C is not");
+            let st = t.dp.stats(b.ifindex).unwrap().unwrap();
+            assert_eq!(
+                st.dropped(DropReason::PolicyIngress),
+                1,
+                "counted at the backend"
+            );
+        }
+    });
+}
