@@ -28,6 +28,7 @@ pub enum Topic {
     DatapathUplinkOff,
     Stats,
     Policy,
+    Services,
     Repair,
     Failpoints,
     Allocations,
@@ -53,13 +54,14 @@ const BPFFS_ROOT: (&str, &str) = (
 );
 
 impl Topic {
-    const ALL: [Topic; 9] = [
+    const ALL: [Topic; 10] = [
         Topic::Version,
         Topic::DatapathLoad,
         Topic::DatapathUplink,
         Topic::DatapathUplinkOff,
         Topic::Stats,
         Topic::Policy,
+        Topic::Services,
         Topic::Repair,
         Topic::Failpoints,
         Topic::Allocations,
@@ -108,6 +110,13 @@ impl Topic {
                 words: "policy",
                 synopsis: "[--bpffs-root DIR]",
                 about: "each endpoint's NetworkPolicy rules as the pinned maps hold them",
+                flags: &[BPFFS_ROOT],
+            },
+            Topic::Services => Help {
+                words: "services",
+                synopsis: "[--bpffs-root DIR]",
+                about:
+                    "each Service frontend as the datapath holds it: backends, affinity, counters",
                 flags: &[BPFFS_ROOT],
             },
             Topic::Repair => Help {
@@ -215,6 +224,9 @@ pub enum Command {
         bpffs_root: PathBuf,
     },
     Policy {
+        bpffs_root: PathBuf,
+    },
+    Services {
         bpffs_root: PathBuf,
     },
     Repair {
@@ -370,6 +382,9 @@ fn parse_inner(mut parser: lexopt::Parser) -> Result<Command, Stop> {
             bpffs_root: bpffs_root_only(&mut args)?,
         }),
         Topic::Policy => Ok(Command::Policy {
+            bpffs_root: bpffs_root_only(&mut args)?,
+        }),
+        Topic::Services => Ok(Command::Services {
             bpffs_root: bpffs_root_only(&mut args)?,
         }),
         Topic::DatapathUplink | Topic::DatapathUplinkOff => uplink(&mut args),
@@ -601,11 +616,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             )?;
         }
         Command::Stats { bpffs_root: root } => {
-            let Some(dp) = ferrite_datapath::Datapath::open(&root)
-                .with_context(|| format!("opening the datapath under {}", root.display()))?
-            else {
-                bail!("no datapath pinned under {}", root.display());
-            };
+            let dp = pinned(&root)?;
             let mut endpoints = dp.endpoints()?;
             endpoints.sort_by_key(|(ip, _)| *ip);
             writeln!(
@@ -651,12 +662,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Policy { bpffs_root: root } => {
-            let Some(dp) = ferrite_datapath::Datapath::open(&root)
-                .with_context(|| format!("opening the datapath under {}", root.display()))?
-            else {
-                bail!("no datapath pinned under {}", root.display());
-            };
-            crate::policy_view::write(&dp, &mut out)?;
+            crate::policy_view::write(&pinned(&root)?, &mut out)?;
+        }
+        Command::Services { bpffs_root: root } => {
+            crate::service_view::write(&pinned(&root)?, &mut out)?;
         }
         Command::Allocations { network, state_dir } => {
             let store = ferrite_ipam::Store::open(&state_dir, &network)?;
@@ -688,6 +697,16 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The datapath pinned under `root`, or an error that says where none is.
+fn pinned(root: &std::path::Path) -> anyhow::Result<ferrite_datapath::Datapath> {
+    match ferrite_datapath::Datapath::open(root)
+        .with_context(|| format!("opening the datapath under {}", root.display()))?
+    {
+        Some(dp) => Ok(dp),
+        None => bail!("no datapath pinned under {}", root.display()),
+    }
 }
 
 fn if_index(dev: &str) -> anyhow::Result<u32> {
@@ -730,6 +749,12 @@ mod tests {
         assert_eq!(
             parse_words("policy --bpffs-root /b").unwrap(),
             Command::Policy {
+                bpffs_root: "/b".into()
+            }
+        );
+        assert_eq!(
+            parse_words("services --bpffs-root /b").unwrap(),
+            Command::Services {
                 bpffs_root: "/b".into()
             }
         );

@@ -19,6 +19,7 @@ mod plugin;
 mod policy_view;
 mod repair;
 mod result;
+mod service_view;
 mod version;
 mod veth;
 

@@ -303,14 +303,22 @@ static __always_inline int translate(struct __sk_buff *skb, int dir)
 	return dir == XLATE_NONE ? 0 : svc_apply(skb);
 }
 
-/* The "port unreachable" answer of a Service without backends. */
-static __always_inline int reject(struct __sk_buff *skb, __u32 ifindex)
+/*
+ * The answer of a Service without backends (a TCP RST, else "port
+ * unreachable"), back into the pod through its veth (to_pod lets it
+ * pass).
+ */
+static __always_inline int reject(struct __sk_buff *skb, __u8 proto,
+				  __u32 ifindex)
 {
-	int ret = reject_packet(skb);
+	int ret = proto == IPPROTO_TCP ? reject_tcp(skb) : 1;
 
+	if (ret == 1)
+		ret = reject_packet(skb);
 	if (ret)
 		return ret;
-	return bpf_redirect_peer(ifindex, 0);
+	skb->mark = FERRITE_MARK_SHAPED;
+	return bpf_redirect(ifindex, 0);
 }
 
 /* After a verdict from judge(): the answers that end the packet's way here. */
@@ -346,7 +354,7 @@ static __noinline int handle_ipv4(struct __sk_buff *skb,
 	ret = judge(skb, sc, flow_of_ipv4(skb, &sc->key, ETH_HLEN), 1, &dst,
 		    &dir, ifindex);
 	if (ret == FLOW_REJECT)
-		return reject(skb, ifindex);
+		return reject(skb, sc->key.proto, ifindex);
 	if (settled(ret))
 		return ret;
 	if (via_stack || ret == TC_ACT_OK)
@@ -485,7 +493,7 @@ static __noinline int handle_ipv6(struct __sk_buff *skb,
 
 	ret = judge(skb, sc, kind, nat_ok, &dst, &dir, ifindex);
 	if (ret == FLOW_REJECT)
-		return reject(skb, ifindex);
+		return reject(skb, sc->key.proto, ifindex);
 	if (settled(ret))
 		return ret;
 	if (via_stack || ret == TC_ACT_OK)

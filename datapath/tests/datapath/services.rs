@@ -366,11 +366,40 @@ fn affinity_keeps_a_client_on_one_backend() {
     });
 }
 
-/// A frontend without backends answers "port unreachable" into the
-/// client, from the Service's address, quoting the packet.
+/// The ICMP "port unreachable" in `out` (from `vip` to `client`): checks
+/// its checksums and returns (type, code, what it quotes).
+fn unreachable(out: &[u8], vip: IpAddr, client: IpAddr) -> (u8, u8, Vec<u8>) {
+    if vip.is_ipv4() {
+        assert_eq!(out[23], IPPROTO_ICMP);
+        assert_eq!(checksum(&out[14..34]), 0, "IPv4 header checksum");
+        assert_eq!(&out[26..30], &v4(vip).octets());
+        assert_eq!(&out[30..34], &v4(client).octets());
+        assert_eq!(checksum(&out[34..]), 0, "ICMP checksum");
+        (out[34], out[35], out[42..].to_vec())
+    } else {
+        assert_eq!(out[20], IPPROTO_ICMPV6);
+        let s: [u8; 16] = out[22..38].try_into().unwrap();
+        let d: [u8; 16] = out[38..54].try_into().unwrap();
+        assert_eq!((IpAddr::from(s), IpAddr::from(d)), (vip, client));
+        let body = &out[54..];
+        let sum = checksum(
+            &[
+                pseudo(vip, client, IPPROTO_ICMPV6, body.len()),
+                body.to_vec(),
+            ]
+            .concat(),
+        );
+        assert_eq!(sum, 0, "ICMPv6 checksum");
+        (body[0], body[1], body[8..].to_vec())
+    }
+}
+
+/// A frontend without backends answers into the client, from the
+/// Service's address: a TCP segment without data with a RST (seq and ack
+/// as RFC 9293 says), anything else with "port unreachable" quoting it.
 #[test]
-fn no_backend_answers_port_unreachable() {
-    if !privileged("no_backend_answers_port_unreachable") {
+fn no_backend_answers_rst_or_port_unreachable() {
+    if !privileged("no_backend_answers_rst_or_port_unreachable") {
         return;
     }
     in_netns(|| {
@@ -380,38 +409,63 @@ fn no_backend_answers_port_unreachable() {
         for (f, n) in families() {
             let a = Pod::new(f.a, dev[usize::from(n / 10)], 1 + n).add_to(&t.dp);
             let vip = addr(f.vip);
-            for (k, proto) in PROTOS.into_iter().enumerate() {
-                let id = 1 + u32::from(n) + k as u32;
-                service(&m, fe(f.vip, 80, proto), id, &[], None);
-                let pkt = sent(&a, vip, proto, 43000, 80);
-                let (v, out) = run(&t, Program::FromPod, &pkt, a.ifindex);
+            let base = 1 + u32::from(n);
+            service(&m, fe(f.vip, 80, IPPROTO_TCP), base, &[], None);
+            service(&m, fe(f.vip, 53, IPPROTO_UDP), base + 2, &[], None);
+            let tcp_at = if n == 0 { 34 } else { 54 };
+            let back = |pkt: &[u8]| {
+                let (v, out) = run(&t, Program::FromPod, pkt, a.ifindex);
                 assert_eq!(v, TC_ACT_REDIRECT, "back into the client");
                 assert_eq!(&out[..6], &a.mac);
                 assert_eq!(&out[6..12], &a.host_mac);
-                let (icmp, quoted) = if n == 0 {
-                    assert_eq!(out[23], IPPROTO_ICMP);
-                    assert_eq!(checksum(&out[14..34]), 0, "IPv4 header checksum");
-                    assert_eq!(&out[26..30], &v4(vip).octets());
-                    assert_eq!(&out[30..34], &v4(a.ip).octets());
-                    assert_eq!(checksum(&out[34..]), 0, "ICMP checksum");
-                    (&out[34..], 28)
-                } else {
-                    assert_eq!(out[20], IPPROTO_ICMPV6);
-                    let s: [u8; 16] = out[22..38].try_into().unwrap();
-                    let d: [u8; 16] = out[38..54].try_into().unwrap();
-                    assert_eq!((IpAddr::from(s), IpAddr::from(d)), (vip, a.ip));
-                    let body = &out[54..];
-                    let sum = checksum(
-                        &[pseudo(vip, a.ip, IPPROTO_ICMPV6, body.len()), body.to_vec()].concat(),
-                    );
-                    assert_eq!(sum, 0, "ICMPv6 checksum");
-                    (body, 48)
-                };
-                let want = if n == 0 { [3, 3] } else { [1, 4] };
-                assert_eq!(&icmp[..2], &want, "port unreachable");
-                assert_eq!(&icmp[8..], &pkt[14..14 + quoted], "quotes the packet");
-                assert_eq!(m.stats(id).unwrap().unwrap().rejected, 1);
+                out
+            };
+
+            // A SYN (seq 1, no ACK): RST|ACK, ack 2.
+            let mut syn = sent(&a, vip, IPPROTO_TCP, 43000, 80);
+            syn[tcp_at + 13] = 0x02;
+            let sum_at = tcp_at + 16;
+            syn[sum_at..sum_at + 2].copy_from_slice(&[0, 0]);
+            let sum =
+                checksum(&[pseudo(a.ip, vip, IPPROTO_TCP, 20), syn[tcp_at..].to_vec()].concat());
+            syn[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+            let out = back(&syn);
+            assert_eq!(
+                seen(&out),
+                (vip, 80, a.ip, 43000),
+                "{}: a RST from the Service",
+                f.vip
+            );
+            let th = &out[tcp_at..];
+            assert_eq!(th[13], 0x14, "RST|ACK");
+            assert_eq!(&th[4..8], &[0, 0, 0, 0], "seq 0");
+            assert_eq!(&th[8..12], &[0, 0, 0, 2], "ack: the SYN's seq + 1");
+
+            // A segment with ACK (seq 1, ack 0): RST, seq = its ack.
+            let out = back(&sent(&a, vip, IPPROTO_TCP, 43001, 80));
+            assert_eq!(seen(&out), (vip, 80, a.ip, 43001));
+            assert_eq!(out[tcp_at + 13], 0x04, "RST");
+
+            // UDP, and TCP carrying data: port unreachable, quoting it whole.
+            let mut with_data = sent(&a, vip, IPPROTO_TCP, 43002, 80);
+            with_data.extend_from_slice(b"GET /");
+            let len_at = if n == 0 { 16 } else { 18 };
+            let l3len = u16::from_be_bytes([with_data[len_at], with_data[len_at + 1]]) + 5;
+            with_data[len_at..len_at + 2].copy_from_slice(&l3len.to_be_bytes());
+            if n == 0 {
+                with_data[24..26].copy_from_slice(&[0, 0]);
+                let c = checksum(&with_data[14..34]);
+                with_data[24..26].copy_from_slice(&c.to_be_bytes());
             }
+            for pkt in [sent(&a, vip, IPPROTO_UDP, 43003, 53), with_data] {
+                let out = back(&pkt);
+                let (kind, code, quoted) = unreachable(&out, vip, a.ip);
+                let want = if n == 0 { (3, 3) } else { (1, 4) };
+                assert_eq!((kind, code), want, "port unreachable");
+                assert_eq!(quoted, &pkt[14..], "quotes the packet whole");
+            }
+            assert_eq!(m.stats(base).unwrap().unwrap().rejected, 3);
+            assert_eq!(m.stats(base + 2).unwrap().unwrap().rejected, 1);
         }
     });
 }

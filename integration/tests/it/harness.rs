@@ -346,6 +346,19 @@ pub struct Pod<'a> {
 }
 
 impl Pod<'_> {
+    /// Every address ADD gave the pod, in the result's order.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.result["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let a = i["address"].as_str().unwrap();
+                a.split('/').next().unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
     pub fn ip(&self) -> IpAddr {
         let a = self.result["ips"][0]["address"].as_str().unwrap();
         a.split('/').next().unwrap().parse().unwrap()

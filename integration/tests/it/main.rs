@@ -12,5 +12,6 @@ mod policy;
 mod reliability;
 mod reuse;
 mod security;
+mod services;
 mod traffic;
 mod upgrade;

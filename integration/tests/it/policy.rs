@@ -13,18 +13,6 @@ use serde_json::json;
 
 use crate::harness::{privileged, unique, Netns, Node, Pod};
 
-fn ips(pod: &Pod<'_>) -> Vec<IpAddr> {
-    pod.result["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            let a = i["address"].as_str().unwrap();
-            a.split('/').next().unwrap().parse().unwrap()
-        })
-        .collect()
-}
-
 /// ADD with the pod's namespace and name in CNI_ARGS, as kubelet's runtime
 /// passes them.
 fn add_k8s_pod<'a>(node: &'a Node, namespace: &str, name: &str) -> Pod<'a> {
@@ -127,7 +115,7 @@ fn pending_from_add_then_rules_for_both_families() {
     );
     assert_eq!(maps.endpoint(ifindex(&node, &c.host_veth())).unwrap(), None);
 
-    let (a_ips, b_ips, c_ips) = (ips(&a), ips(&b), ips(&c));
+    let (a_ips, b_ips, c_ips) = (a.ips(), b.ips(), c.ips());
     assert_eq!(b_ips.len(), 2, "dual stack: {b_ips:?}");
     for ip in &b_ips {
         assert!(!ping(&a.ns, *ip), "a reached pending b at {ip}");
@@ -202,8 +190,8 @@ fn pending_from_add_then_rules_for_both_families() {
     assert_eq!(u32::from_ne_bytes(report[..4].try_into().unwrap()), d_if);
     assert_eq!(report[12..16], 0u32.to_ne_bytes(), "not pending");
     assert_eq!(maps.endpoint(d_if).unwrap(), Some(computed));
-    assert!(ping(&a.ns, ips(&d)[0]), "a -> d from its first packet");
-    assert!(!ping(&c.ns, ips(&d)[0]), "c -> d is not allowed");
+    assert!(ping(&a.ns, d.ips()[0]), "a -> d from its first packet");
+    assert!(!ping(&c.ns, d.ips()[0]), "c -> d is not allowed");
 
     // DEL forgets the endpoint's policy and its pod.
     assert!(b.del().unwrap().ok);
