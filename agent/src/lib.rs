@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod conflist;
+pub mod deltas;
 pub mod fastpath;
 pub mod files;
 pub mod http;
@@ -18,6 +19,7 @@ pub mod nft;
 pub mod node;
 pub mod policy;
 pub mod routes;
+pub mod service;
 pub mod sync;
 pub mod uninstall;
 pub mod watch;
