@@ -46,6 +46,13 @@ pub struct Config {
     pub network_policy: bool,
     /// Flows the connection-tracking table holds, when the agent loads it.
     pub conntrack_entries: u32,
+    /// Load-balance Services (watch Services and Endpoints, program the
+    /// datapath's Service maps).
+    pub services: bool,
+    /// Service frontends (cluster IP x port) the maps hold at most.
+    pub service_max_frontends: u32,
+    /// Service backends (all frontends' together) the maps hold at most.
+    pub service_max_backends: u32,
     pub masquerade: bool,
     pub fast_path: bool,
     pub metrics_addr: SocketAddr,
@@ -64,6 +71,8 @@ const DEFAULT_MTU: u32 = 1500;
 const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9965";
 const DEFAULT_RESYNC_SECONDS: u64 = 60;
 const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+const DEFAULT_SERVICE_MAX_FRONTENDS: u32 = crate::service::compile::DEFAULT_MAX_FRONTENDS;
+const DEFAULT_SERVICE_MAX_BACKENDS: u32 = crate::service::compile::DEFAULT_MAX_BACKENDS;
 
 /// The one variable whose empty value means something: install nothing.
 /// Every other variable set to the empty string (a ConfigMap key left
@@ -86,6 +95,9 @@ impl Default for Config {
             service_cidrs: Vec::new(),
             network_policy: true,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            services: true,
+            service_max_frontends: DEFAULT_SERVICE_MAX_FRONTENDS,
+            service_max_backends: DEFAULT_SERVICE_MAX_BACKENDS,
             masquerade: true,
             fast_path: true,
             metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address"),
@@ -200,6 +212,26 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     conntrack_entries: u32,
 
+    /// Load-balance Services' cluster IPs in the datapath (off: leave them
+    /// to kube-proxy)
+    #[arg(long, global = true, env = "FERRITE_SERVICES", value_name = "on|off",
+          default_value = "on", action = ArgAction::Set,
+          value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
+    services: bool,
+
+    /// Service frontends (cluster IP x port) programmed at most; a Service
+    /// that does not fit is left to kube-proxy whole
+    #[arg(long, global = true, env = "FERRITE_SERVICE_MAX_FRONTENDS", value_name = "FRONTENDS",
+          default_value_t = DEFAULT_SERVICE_MAX_FRONTENDS,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    service_max_frontends: u32,
+
+    /// Service backends (of all frontends) programmed at most
+    #[arg(long, global = true, env = "FERRITE_SERVICE_MAX_BACKENDS", value_name = "BACKENDS",
+          default_value_t = DEFAULT_SERVICE_MAX_BACKENDS,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    service_max_backends: u32,
+
     /// Masquerade traffic leaving the cluster (the flag alone: true)
     #[arg(long, global = true, env = "FERRITE_MASQUERADE", value_name = "BOOL",
           num_args = 0..=1, default_missing_value = "true", default_value = "true",
@@ -284,6 +316,9 @@ impl From<Settings> for Config {
             service_cidrs: s.service_cidr.into_iter().flatten().collect(),
             network_policy: s.network_policy,
             conntrack_entries: s.conntrack_entries,
+            services: s.services,
+            service_max_frontends: s.service_max_frontends,
+            service_max_backends: s.service_max_backends,
             masquerade: s.masquerade,
             fast_path: s.fast_path,
             metrics_addr,
@@ -650,7 +685,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 19, "every setting has a variable");
+        assert_eq!(n, 22, "every setting has a variable");
     }
 
     #[test]
@@ -669,6 +704,34 @@ mod tests {
         assert!(c.check_for_run().is_ok());
         let c = parse(&["--node-name", "n1", "--cluster-cidr", "10.244.0.0/16"]).unwrap();
         assert!(c.check_for_run().is_ok());
+    }
+
+    #[test]
+    fn services_on_or_off_and_their_limits() {
+        let c = parse(&[]).unwrap();
+        assert!(c.services);
+        assert_eq!(
+            (c.service_max_frontends, c.service_max_backends),
+            (65_536, 65_536)
+        );
+        assert!(!parse(&["--services=off"]).unwrap().services);
+        assert!(parse(&["--services", "on"]).unwrap().services);
+        let (_, line) = refused(&["--services=true"]);
+        assert!(
+            line.contains("'true'") && line.contains("--services"),
+            "{line}"
+        );
+        let c = parse(&[
+            "--service-max-frontends=100",
+            "--service-max-backends",
+            "1000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.service_max_frontends, c.service_max_backends),
+            (100, 1000)
+        );
+        assert!(parse(&["--service-max-backends=0"]).is_err());
     }
 
     #[test]

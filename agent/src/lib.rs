@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 //! ferrite's node agent: it writes the CNI configuration from the Node's pod
 //! CIDRs, installs the plugin, routes other nodes' pod CIDRs via their
-//! InternalIPs, masquerades traffic leaving the cluster, and serves health
-//! and metrics. The binary (`main.rs`) wires these together; everything
+//! InternalIPs, masquerades traffic leaving the cluster, enforces
+//! NetworkPolicy, computes the node's Service table, and serves health and
+//! metrics. The binary (`main.rs`) wires these together; everything
 //! here is usable without an API server, which is how the tests drive it.
 
 pub mod config;
 pub mod conflist;
+pub mod deltas;
 pub mod fastpath;
 pub mod files;
 pub mod http;
@@ -18,6 +20,7 @@ pub mod nft;
 pub mod node;
 pub mod policy;
 pub mod routes;
+pub mod service;
 pub mod sync;
 pub mod uninstall;
 pub mod watch;

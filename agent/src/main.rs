@@ -20,8 +20,10 @@ use anyhow::{bail, Context, Result};
 use ferrite_agent::config::{self, Config, Invocation};
 use ferrite_agent::fastpath::{EbpfFastPath, PinnedDatapath};
 use ferrite_agent::metrics::AgentState;
+use ferrite_agent::service::engine::ServiceTarget;
+use ferrite_agent::service::run::{DynTarget, OpenTarget};
 use ferrite_agent::sync::{self, NodeAgent};
-use ferrite_agent::{http, policy, watch};
+use ferrite_agent::{http, policy, service, watch};
 
 fn main() -> ExitCode {
     match run() {
@@ -84,6 +86,15 @@ fn agent(cfg: Config) -> Result<ExitCode> {
         log::info!("NetworkPolicy not enforced (--network-policy=false)");
         None
     };
+    let service_updates = if !cfg.services {
+        log::info!("Services left to kube-proxy (--services=off)");
+        None
+    } else if let Some(open) = service_target(&cfg) {
+        Some(start_services(&cfg, &state, open)?)
+    } else {
+        log::info!("Services left to kube-proxy: this datapath has no Service maps");
+        None
+    };
     let worker = std::thread::Builder::new()
         .name("ferrite-sync".into())
         .spawn(move || sync::sync_loop(node_agent, snapshots, resync))
@@ -105,6 +116,13 @@ fn agent(cfg: Config) -> Result<ExitCode> {
         let client = kube_client(&cfg).await?;
         if let Some(tx) = policy_updates {
             tokio::spawn(policy::watch::watch_policy_inputs(
+                client.clone(),
+                tx,
+                state.clone(),
+            ));
+        }
+        if let Some(tx) = service_updates {
+            tokio::spawn(service::watch::watch_service_inputs(
                 client.clone(),
                 tx,
                 state.clone(),
@@ -159,6 +177,54 @@ fn start_policy(
         .name("ferrite-policy".into())
         .spawn(move || policy::run::policy_loop(pl, rx))
         .context("starting the policy thread")?;
+    Ok(tx)
+}
+
+/// THE HOOK for the datapath's Service maps: how the service thread opens
+/// them. `None` until the datapath has them: Services and Endpoints are then
+/// not watched, and Services stay with kube-proxy. Plugging them in is
+/// returning a function that opens them (`Ok(None)` while the datapath is
+/// not loaded yet; it is called again after a failed sync), e.g.
+///
+/// ```text
+/// let root = cfg.bpffs_root.clone();
+/// Some(Box::new(move || {
+///     let Some(dp) = ferrite_datapath::Datapath::open(&root)? else { return Ok(None) };
+///     Ok(Some(Box::new(dp.service_maps()?) as DynTarget<_>))
+/// }))
+/// ```
+///
+/// (`DynTarget`'s error type is whatever the maps' `ServiceTarget` impl
+/// says; change it here with them.)
+fn service_target(_cfg: &Config) -> Option<OpenTarget<DynTarget<ferrite_datapath::DatapathError>>> {
+    None
+}
+
+/// Starts the service thread; returns where the watches send their updates.
+fn start_services<T: ServiceTarget + 'static>(
+    cfg: &Config,
+    state: &Arc<AgentState>,
+    open: OpenTarget<T>,
+) -> Result<std::sync::mpsc::Sender<service::watch::Update>> {
+    let settings = service::run::ServiceSettings {
+        node_name: cfg.node_name.clone().unwrap_or_default(),
+        limits: service::compile::Limits {
+            max_frontends: cfg.service_max_frontends as usize,
+            max_backends: cfg.service_max_backends as usize,
+            ..Default::default()
+        },
+        resync: cfg.resync,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let state = state.clone();
+    // The loop is made on its thread: the maps it opens need not be Send.
+    std::thread::Builder::new()
+        .name("ferrite-services".into())
+        .spawn(move || {
+            let sl = service::run::ServiceLoop::new(settings, state, open);
+            service::run::service_loop(sl, rx)
+        })
+        .context("starting the service thread")?;
     Ok(tx)
 }
 

@@ -42,16 +42,18 @@ pub struct AgentState {
     pub metrics_read_errors: AtomicU64,
     counters: Mutex<Option<Arc<dyn EndpointCounters>>>,
     policy: Mutex<PolicyStatus>,
+    services: Mutex<ServiceStatus>,
 }
 
-/// Cumulative buckets, Prometheus style: upper bounds in seconds.
-const ADD_TO_PROGRAMMED_BUCKETS: [f64; 10] =
-    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0];
+/// Cumulative buckets, Prometheus style: upper bounds in seconds (the
+/// latencies measured are from a change to the maps written).
+const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0];
 
-/// A Prometheus histogram of the time from ADD to an endpoint programmed.
+/// A Prometheus histogram of a latency (ADD to an endpoint programmed, a
+/// Service change to the maps written).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Histogram {
-    /// Observations at or below each of `ADD_TO_PROGRAMMED_BUCKETS`.
+    /// Observations at or below each of `LATENCY_BUCKETS`.
     pub buckets: [u64; 10],
     pub count: u64,
     pub sum: f64,
@@ -59,7 +61,7 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn observe(&mut self, seconds: f64) {
-        for (n, le) in self.buckets.iter_mut().zip(ADD_TO_PROGRAMMED_BUCKETS) {
+        for (n, le) in self.buckets.iter_mut().zip(LATENCY_BUCKETS) {
             if seconds <= le {
                 *n += 1;
             }
@@ -91,6 +93,25 @@ pub struct PolicyStatus {
     pub add_to_programmed: Histogram,
 }
 
+/// What the service thread last reported.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceStatus {
+    /// The service thread ran one sync since the agent started.
+    pub synced: bool,
+    pub syncs: u64,
+    pub sync_errors: u64,
+    pub frontends: u64,
+    pub active_backends: u64,
+    pub terminating_backends: u64,
+    /// Frontends (cluster IP x port) of protocols ferrite does not serve.
+    pub left_to_kube_proxy: u64,
+    /// Services over the limits, left out whole.
+    pub left_out: u64,
+    pub last_sync_micros: u64,
+    /// From a watch event reaching the service thread to the maps written.
+    pub event_to_datapath: Histogram,
+}
+
 impl AgentState {
     pub fn ready(&self) -> bool {
         self.conflist_written.load(Ordering::Relaxed) && self.routes_synced.load(Ordering::Relaxed)
@@ -114,6 +135,24 @@ impl AgentState {
 
     pub fn policy_sync_failed(&self) {
         self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync_errors += 1;
+    }
+
+    pub fn service_status(&self) -> ServiceStatus {
+        self.services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_service_status(&self, status: ServiceStatus) {
+        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    pub fn service_sync_failed(&self) {
+        self.services
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .sync_errors += 1;
@@ -146,6 +185,7 @@ impl AgentState {
             sync_errors: self.sync_errors.load(Ordering::Relaxed),
             metrics_read_errors: self.metrics_read_errors.load(Ordering::Relaxed),
             policy: self.policy_status(),
+            services: self.service_status(),
         }
     }
 }
@@ -162,6 +202,7 @@ pub struct StateSnapshot {
     pub sync_errors: u64,
     pub metrics_read_errors: u64,
     pub policy: PolicyStatus,
+    pub services: ServiceStatus,
 }
 
 /// One pod (host veth) with its addresses and counters.
@@ -250,6 +291,7 @@ pub fn render(state: &StateSnapshot, endpoints: Option<&[EndpointSample]>) -> St
         let _ = writeln!(out, "{name} {value}");
     }
     render_policy(&mut out, &state.policy);
+    render_services(&mut out, &state.services);
     let Some(endpoints) = endpoints else {
         return out;
     };
@@ -410,13 +452,84 @@ fn render_policy(out: &mut String, p: &PolicyStatus) {
         "histogram",
         "From ADD starting an endpoint policy-pending to its rules in the maps.",
     );
-    let h = &p.add_to_programmed;
-    for (n, le) in h.buckets.iter().zip(ADD_TO_PROGRAMMED_BUCKETS) {
+    render_histogram(out, name, &p.add_to_programmed);
+}
+
+fn render_histogram(out: &mut String, name: &str, h: &Histogram) {
+    for (n, le) in h.buckets.iter().zip(LATENCY_BUCKETS) {
         let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
     }
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
     let _ = writeln!(out, "{name}_sum {}", h.sum);
     let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+fn render_services(out: &mut String, s: &ServiceStatus) {
+    if !s.synced && s.sync_errors == 0 {
+        return;
+    }
+    let gauges: [(&str, &str, u64); 4] = [
+        (
+            "ferrite_services_frontends",
+            "Service frontends (cluster IP, port, protocol) in the maps.",
+            s.frontends,
+        ),
+        (
+            "ferrite_services_left_to_kube_proxy",
+            "Service frontends of protocols ferrite does not serve (SCTP and others).",
+            s.left_to_kube_proxy,
+        ),
+        (
+            "ferrite_services_left_out",
+            "Services over the map limits, left out whole.",
+            s.left_out,
+        ),
+        (
+            "ferrite_services_last_sync_microseconds",
+            "How long the last Service sync took.",
+            s.last_sync_micros,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let name = "ferrite_services_backends";
+    header(
+        out,
+        name,
+        "gauge",
+        "Service backends in the maps: active take new flows, terminating only flows already there.",
+    );
+    let _ = writeln!(out, "{name}{{state=\"active\"}} {}", s.active_backends);
+    let _ = writeln!(
+        out,
+        "{name}{{state=\"terminating\"}} {}",
+        s.terminating_backends
+    );
+    for (name, help, value) in [
+        (
+            "ferrite_services_syncs_total",
+            "Service syncs run.",
+            s.syncs,
+        ),
+        (
+            "ferrite_services_sync_errors_total",
+            "Service syncs that failed (retried).",
+            s.sync_errors,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let name = "ferrite_services_event_to_datapath_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "From a Service or Endpoints change reaching the agent's service thread to the maps written.",
+    );
+    render_histogram(out, name, &s.event_to_datapath);
 }
 
 /// A label value as the text format wants it.
@@ -605,5 +718,47 @@ mod tests {
         assert!(out.contains("ferrite_policy_add_to_programmed_seconds_bucket{le=\"0.005\"} 3\n"));
         assert!(out.contains("ferrite_policy_add_to_programmed_seconds_bucket{le=\"+Inf\"} 4\n"));
         assert!(out.contains("ferrite_policy_add_to_programmed_seconds_count 4\n"));
+    }
+
+    #[test]
+    fn renders_services_once_synced() {
+        let mut state = StateSnapshot::default();
+        assert!(!render(&state, None).contains("ferrite_services_"));
+        state.services.sync_errors = 1;
+        assert!(
+            render(&state, None).contains("\nferrite_services_sync_errors_total 1\n"),
+            "failures show before a first sync"
+        );
+        let mut s = ServiceStatus {
+            synced: true,
+            syncs: 3,
+            frontends: 4,
+            active_backends: 6,
+            terminating_backends: 1,
+            left_to_kube_proxy: 2,
+            left_out: 1,
+            last_sync_micros: 250,
+            ..Default::default()
+        };
+        s.event_to_datapath.observe(0.0015);
+        s.event_to_datapath.observe(0.2);
+        state.services = s;
+        let out = render(&state, None);
+        for line in [
+            "ferrite_services_frontends 4\n",
+            "ferrite_services_backends{state=\"active\"} 6\n",
+            "ferrite_services_backends{state=\"terminating\"} 1\n",
+            "ferrite_services_left_to_kube_proxy 2\n",
+            "ferrite_services_left_out 1\n",
+            "ferrite_services_syncs_total 3\n",
+            "ferrite_services_last_sync_microseconds 250\n",
+            "ferrite_services_event_to_datapath_seconds_bucket{le=\"0.001\"} 0\n",
+            "ferrite_services_event_to_datapath_seconds_bucket{le=\"0.002\"} 1\n",
+            "ferrite_services_event_to_datapath_seconds_bucket{le=\"0.5\"} 2\n",
+            "ferrite_services_event_to_datapath_seconds_count 2\n",
+            "# TYPE ferrite_services_event_to_datapath_seconds histogram\n",
+        ] {
+            assert!(out.contains(line), "{line} not in\n{out}");
+        }
     }
 }

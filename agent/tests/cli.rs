@@ -73,6 +73,9 @@ fn every_setting_has_its_variable() {
             ("FERRITE_SERVICE_CIDR", "10.96.0.0/16,fd00:96::/108"),
             ("FERRITE_NETWORK_POLICY", "false"),
             ("FERRITE_CONNTRACK_ENTRIES", "65536"),
+            ("FERRITE_SERVICES", "off"),
+            ("FERRITE_SERVICE_MAX_FRONTENDS", "1024"),
+            ("FERRITE_SERVICE_MAX_BACKENDS", "4096"),
             ("FERRITE_MASQUERADE", "no"),
             ("FERRITE_FAST_PATH", "false"),
             ("FERRITE_METRICS_ADDR", "127.0.0.1:1"),
@@ -105,6 +108,9 @@ fn every_setting_has_its_variable() {
             ],
             network_policy: false,
             conntrack_entries: 65536,
+            services: false,
+            service_max_frontends: 1024,
+            service_max_backends: 4096,
             masquerade: false,
             fast_path: false,
             metrics_addr: "127.0.0.1:9100".parse().unwrap(),
@@ -112,7 +118,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 19);
+    assert_eq!(variables().len(), 22);
 }
 
 #[test]

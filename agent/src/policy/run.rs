@@ -24,6 +24,7 @@ use ferrite_datapath::{Datapath, DatapathError};
 use super::compile::View;
 use super::engine::{Engine, PolicyTarget};
 use super::watch::{Delta, Update};
+use crate::deltas::apply_delta as apply;
 use crate::metrics::AgentState;
 
 /// The socket ADD writes to, in the plugin's state directory (the plugin
@@ -170,24 +171,6 @@ pub fn listen_for_adds(state_dir: &Path, updates: Sender<Update>) -> std::io::Re
         })?;
     log::info!("ADD reports on {}", path.display());
     Ok(())
-}
-
-/// Applies one kind's delta to a map keyed by `key`.
-fn apply<K: Ord, T>(
-    map: &mut BTreeMap<K, T>,
-    delta: Delta<T>,
-    key: impl Fn(&T) -> K,
-    deleted_key: impl Fn(String, String) -> K,
-) {
-    match delta {
-        Delta::Listed(items) => *map = items.into_iter().map(|t| (key(&t), t)).collect(),
-        Delta::Applied(t) => {
-            map.insert(key(&t), t);
-        }
-        Delta::Deleted(ns, name) => {
-            map.remove(&deleted_key(ns, name));
-        }
-    }
 }
 
 /// The policy thread's state.

@@ -9,29 +9,17 @@
 //! anything before all three kinds were listed once (a partial view could
 //! open what a policy closes).
 
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 
 use super::model::{NamespaceInfo, PodInfo, PolicyInfo};
+use crate::deltas::watch_kind;
+pub use crate::deltas::Delta;
 use crate::metrics::AgentState;
-
-/// One kind's change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Delta<T> {
-    /// A complete list: everything of this kind.
-    Listed(Vec<T>),
-    Applied(T),
-    /// (namespace, name); the namespace is empty for a Namespace.
-    Deleted(String, String),
-}
 
 /// What the policy thread is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,83 +36,6 @@ pub enum Update {
         since_ns: u64,
         pending: bool,
     },
-}
-
-/// Turns watch events into deltas, buffering a list until it is whole.
-struct Lister<K, T> {
-    listing: Option<Vec<T>>,
-    read: fn(&K) -> T,
-}
-
-impl<K: Resource, T> Lister<K, T> {
-    fn new(read: fn(&K) -> T) -> Self {
-        Lister {
-            listing: None,
-            read,
-        }
-    }
-
-    fn apply(&mut self, event: Event<K>) -> Option<Delta<T>> {
-        match event {
-            Event::Init => {
-                self.listing = Some(Vec::new());
-                None
-            }
-            Event::InitApply(obj) => {
-                let item = (self.read)(&obj);
-                self.listing.get_or_insert_with(Vec::new).push(item);
-                None
-            }
-            Event::InitDone => Some(Delta::Listed(self.listing.take().unwrap_or_default())),
-            Event::Apply(obj) => Some(Delta::Applied((self.read)(&obj))),
-            Event::Delete(obj) => {
-                let meta = obj.meta();
-                Some(Delta::Deleted(
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                ))
-            }
-        }
-    }
-}
-
-async fn watch_kind<K, T>(
-    api: Api<K>,
-    what: &'static str,
-    read: fn(&K) -> T,
-    wrap: fn(Delta<T>) -> Update,
-    updates: Sender<Update>,
-    state: Arc<AgentState>,
-) where
-    K: Resource
-        + Clone
-        + std::fmt::Debug
-        + k8s_openapi::serde::de::DeserializeOwned
-        + Send
-        + 'static,
-{
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut lister = Lister::new(read);
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(event) => {
-                if let Some(delta) = lister.apply(event) {
-                    if let Delta::Listed(items) = &delta {
-                        log::info!("listed {} {what}", items.len());
-                    }
-                    if updates.send(wrap(delta)).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                state.api_errors.fetch_add(1, Ordering::Relaxed);
-                log::warn!("watching {what}: {e}");
-            }
-        }
-    }
 }
 
 /// Watches all Pods, Namespaces and NetworkPolicies until the policy
@@ -160,42 +71,25 @@ pub async fn watch_policy_inputs(client: Client, updates: Sender<Update>, state:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deltas::Lister;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::runtime::watcher::Event;
 
-    fn ns(name: &str) -> Namespace {
-        Namespace {
+    #[test]
+    fn namespaces_are_reduced_on_arrival() {
+        let mut l = Lister::new(NamespaceInfo::from_api);
+        let ns = Namespace {
             metadata: ObjectMeta {
-                name: Some(name.into()),
+                name: Some("a".into()),
+                labels: Some([("team".to_string(), "x".to_string())].into()),
                 ..Default::default()
             },
             ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_list_is_sent_whole_and_changes_one_by_one() {
-        let mut l = Lister::new(NamespaceInfo::from_api);
-        assert_eq!(l.apply(Event::Init), None);
-        assert_eq!(l.apply(Event::InitApply(ns("a"))), None);
-        assert_eq!(l.apply(Event::InitApply(ns("b"))), None);
-        let Some(Delta::Listed(items)) = l.apply(Event::InitDone) else {
-            panic!("no list");
         };
-        let names: Vec<_> = items.iter().map(|n| n.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"]);
-        // A relist starts empty: what was deleted meanwhile is not in it.
-        l.apply(Event::Init);
-        let Some(Delta::Listed(items)) = l.apply(Event::InitDone) else {
-            panic!("no list");
+        let Some(Delta::Applied(n)) = l.apply(Event::Apply(ns)) else {
+            panic!("no change");
         };
-        assert!(items.is_empty());
-        assert!(matches!(
-            l.apply(Event::Apply(ns("c"))),
-            Some(Delta::Applied(n)) if n.name == "c"
-        ));
-        assert_eq!(
-            l.apply(Event::Delete(ns("c"))),
-            Some(Delta::Deleted(String::new(), "c".into()))
-        );
+        assert_eq!(n.name, "a");
+        assert_eq!(n.labels["team"], "x");
     }
 }
