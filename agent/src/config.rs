@@ -53,6 +53,9 @@ pub struct Config {
     pub service_max_frontends: u32,
     /// Service backends (all frontends' together) the maps hold at most.
     pub service_max_backends: u32,
+    /// Flows to Services whose backend is remembered, when the agent loads
+    /// the datapath.
+    pub service_conntrack_entries: u32,
     pub masquerade: bool,
     pub fast_path: bool,
     pub metrics_addr: SocketAddr,
@@ -73,6 +76,7 @@ const DEFAULT_RESYNC_SECONDS: u64 = 60;
 const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 const DEFAULT_SERVICE_MAX_FRONTENDS: u32 = crate::service::compile::DEFAULT_MAX_FRONTENDS;
 const DEFAULT_SERVICE_MAX_BACKENDS: u32 = crate::service::compile::DEFAULT_MAX_BACKENDS;
+const DEFAULT_SERVICE_CONNTRACK_ENTRIES: u32 = 65_536;
 
 /// The one variable whose empty value means something: install nothing.
 /// Every other variable set to the empty string (a ConfigMap key left
@@ -98,6 +102,7 @@ impl Default for Config {
             services: true,
             service_max_frontends: DEFAULT_SERVICE_MAX_FRONTENDS,
             service_max_backends: DEFAULT_SERVICE_MAX_BACKENDS,
+            service_conntrack_entries: DEFAULT_SERVICE_CONNTRACK_ENTRIES,
             masquerade: true,
             fast_path: true,
             metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address"),
@@ -223,14 +228,22 @@ pub struct Settings {
     /// that does not fit is left to kube-proxy whole
     #[arg(long, global = true, env = "FERRITE_SERVICE_MAX_FRONTENDS", value_name = "FRONTENDS",
           default_value_t = DEFAULT_SERVICE_MAX_FRONTENDS,
-          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
     service_max_frontends: u32,
 
     /// Service backends (of all frontends) programmed at most
     #[arg(long, global = true, env = "FERRITE_SERVICE_MAX_BACKENDS", value_name = "BACKENDS",
           default_value_t = DEFAULT_SERVICE_MAX_BACKENDS,
-          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
     service_max_backends: u32,
+
+    /// Flows to Services whose backend is remembered (two LRU tables of
+    /// this size, one per direction; set when the datapath's state maps
+    /// are first created on the node)
+    #[arg(long, global = true, env = "FERRITE_SERVICE_CONNTRACK_ENTRIES", value_name = "FLOWS",
+          default_value_t = DEFAULT_SERVICE_CONNTRACK_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    service_conntrack_entries: u32,
 
     /// Masquerade traffic leaving the cluster (the flag alone: true)
     #[arg(long, global = true, env = "FERRITE_MASQUERADE", value_name = "BOOL",
@@ -319,6 +332,7 @@ impl From<Settings> for Config {
             services: s.services,
             service_max_frontends: s.service_max_frontends,
             service_max_backends: s.service_max_backends,
+            service_conntrack_entries: s.service_conntrack_entries,
             masquerade: s.masquerade,
             fast_path: s.fast_path,
             metrics_addr,
@@ -685,7 +699,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 22, "every setting has a variable");
+        assert_eq!(n, 23, "every setting has a variable");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use ferrite_agent::config::{self, Config, Invocation};
 use ferrite_agent::fastpath::{EbpfFastPath, PinnedDatapath};
 use ferrite_agent::metrics::AgentState;
 use ferrite_agent::service::engine::ServiceTarget;
-use ferrite_agent::service::run::{DynTarget, OpenTarget};
+use ferrite_agent::service::run::OpenTarget;
 use ferrite_agent::sync::{self, NodeAgent};
 use ferrite_agent::{http, policy, service, watch};
 
@@ -89,11 +89,8 @@ fn agent(cfg: Config) -> Result<ExitCode> {
     let service_updates = if !cfg.services {
         log::info!("Services left to kube-proxy (--services=off)");
         None
-    } else if let Some(open) = service_target(&cfg) {
-        Some(start_services(&cfg, &state, open)?)
     } else {
-        log::info!("Services left to kube-proxy: this datapath has no Service maps");
-        None
+        Some(start_services(&cfg, &state, service_target(&cfg))?)
     };
     let worker = std::thread::Builder::new()
         .name("ferrite-sync".into())
@@ -180,24 +177,18 @@ fn start_policy(
     Ok(tx)
 }
 
-/// THE HOOK for the datapath's Service maps: how the service thread opens
-/// them. `None` until the datapath has them: Services and Endpoints are then
-/// not watched, and Services stay with kube-proxy. Plugging them in is
-/// returning a function that opens them (`Ok(None)` while the datapath is
-/// not loaded yet; it is called again after a failed sync), e.g.
-///
-/// ```text
-/// let root = cfg.bpffs_root.clone();
-/// Some(Box::new(move || {
-///     let Some(dp) = ferrite_datapath::Datapath::open(&root)? else { return Ok(None) };
-///     Ok(Some(Box::new(dp.service_maps()?) as DynTarget<_>))
-/// }))
-/// ```
-///
-/// (`DynTarget`'s error type is whatever the maps' `ServiceTarget` impl
-/// says; change it here with them.)
-fn service_target(_cfg: &Config) -> Option<OpenTarget<DynTarget<ferrite_datapath::DatapathError>>> {
-    None
+/// How the service thread opens the datapath's Service maps: `Ok(None)`
+/// while the sync thread has not loaded the datapath yet (it is asked
+/// again after a second, and after a failed sync, so an upgrade's new
+/// version is picked up).
+fn service_target(cfg: &Config) -> OpenTarget<ferrite_datapath::service::ServiceMaps> {
+    let root = cfg.bpffs_root.clone();
+    Box::new(move || {
+        let Some(dp) = ferrite_datapath::Datapath::open(&root)? else {
+            return Ok(None);
+        };
+        Ok(Some(dp.service_maps()?))
+    })
 }
 
 /// Starts the service thread; returns where the watches send their updates.

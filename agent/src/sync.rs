@@ -220,7 +220,7 @@ impl NodeAgent {
         let root = self.cfg.bpffs_root.clone();
         let options = ferrite_datapath::LoadOptions {
             conntrack_entries: Some(self.cfg.conntrack_entries),
-            service_conntrack_entries: None,
+            service_conntrack_entries: Some(self.cfg.service_conntrack_entries),
         };
         let (dp, outcome) =
             Datapath::open_or_load_with(&root, &options).map_err(|source| SyncError::Datapath {

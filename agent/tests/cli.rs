@@ -76,6 +76,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_SERVICES", "off"),
             ("FERRITE_SERVICE_MAX_FRONTENDS", "1024"),
             ("FERRITE_SERVICE_MAX_BACKENDS", "4096"),
+            ("FERRITE_SERVICE_CONNTRACK_ENTRIES", "8192"),
             ("FERRITE_MASQUERADE", "no"),
             ("FERRITE_FAST_PATH", "false"),
             ("FERRITE_METRICS_ADDR", "127.0.0.1:1"),
@@ -111,6 +112,7 @@ fn every_setting_has_its_variable() {
             services: false,
             service_max_frontends: 1024,
             service_max_backends: 4096,
+            service_conntrack_entries: 8192,
             masquerade: false,
             fast_path: false,
             metrics_addr: "127.0.0.1:9100".parse().unwrap(),
@@ -118,7 +120,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 22);
+    assert_eq!(variables().len(), 23);
 }
 
 #[test]
@@ -233,6 +235,8 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_SERVICE_CIDR", "10.96.0.0/16"),
         ("FERRITE_NETWORK_POLICY", "true"),
         ("FERRITE_CONNTRACK_ENTRIES", "262144"),
+        ("FERRITE_SERVICES", "on"),
+        ("FERRITE_SERVICE_CONNTRACK_ENTRIES", "65536"),
         ("FERRITE_MTU", "1500"),
         ("FERRITE_MASQUERADE", "true"),
         ("FERRITE_FAST_PATH", "true"),
@@ -246,6 +250,7 @@ fn the_daemonset_speaks_the_agents_flags() {
     assert_eq!(c.cluster_cidrs.len(), 2);
     assert_eq!(c.service_cidrs.len(), 1);
     assert!(c.network_policy);
+    assert!(c.services);
     assert_eq!(c.plugin_source, PathBuf::from("/opt/ferrite/bin"));
 }
 

@@ -16,32 +16,9 @@ use std::net::IpAddr;
 
 use super::compile::Table;
 
-/// A frontend: a Service address, port and protocol (6 TCP, 17 UDP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Frontend {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub proto: u8,
-}
-
-/// A backend of one frontend. `id`s are allocated by the engine, unique
-/// among live backends, never 0; a backend belongs to one frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Backend {
-    pub frontend: u32,
-    pub addr: IpAddr,
-    pub port: u16,
-    pub terminating: bool,
-}
-
-/// What a frontend holds: its id (engine-allocated, never 0), its active
-/// backends' ids in slot order, affinity timeout in seconds if ClientIP.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendState {
-    pub id: u32,
-    pub backends: Vec<u32>,
-    pub affinity_timeout: Option<u32>,
-}
+/// Frontends, backends and what a frontend holds: the datapath's own
+/// types (`ferrite_datapath::service`), which its maps take as they are.
+pub use ferrite_datapath::service::{Backend, Frontend, FrontendState};
 
 /// The Service maps, as the engine uses them (the datapath's pinned maps,
 /// or a fake in tests).
@@ -57,6 +34,36 @@ pub trait ServiceTarget {
     /// writes so a packet never sees a half-written list).
     fn set_frontend(&mut self, fe: &Frontend, st: &FrontendState) -> Result<(), Self::Error>;
     fn remove_frontend(&mut self, fe: &Frontend, st: &FrontendState) -> Result<(), Self::Error>;
+}
+
+/// The datapath's pinned maps (bpf/lib/service.h), which order their own
+/// writes (`set_frontend`: slots before the count that shows them).
+impl ServiceTarget for ferrite_datapath::service::ServiceMaps {
+    type Error = ferrite_datapath::service::ServiceError;
+    fn frontends(&self) -> Result<Vec<(Frontend, FrontendState)>, Self::Error> {
+        Ok(ferrite_datapath::service::ServiceMaps::frontends(self)?)
+    }
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, Self::Error> {
+        Ok(ferrite_datapath::service::ServiceMaps::backends(self)?)
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), Self::Error> {
+        Ok(ferrite_datapath::service::ServiceMaps::set_backend(
+            self, id, b,
+        )?)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), Self::Error> {
+        Ok(ferrite_datapath::service::ServiceMaps::remove_backend(
+            self, id,
+        )?)
+    }
+    fn set_frontend(&mut self, fe: &Frontend, st: &FrontendState) -> Result<(), Self::Error> {
+        ferrite_datapath::service::ServiceMaps::set_frontend(self, fe, st)
+    }
+    fn remove_frontend(&mut self, fe: &Frontend, st: &FrontendState) -> Result<(), Self::Error> {
+        Ok(ferrite_datapath::service::ServiceMaps::remove_frontend(
+            self, fe, st,
+        )?)
+    }
 }
 
 /// A boxed target is a target: main.rs may hand the thread a
