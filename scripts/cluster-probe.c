@@ -10,6 +10,10 @@
  *   probe echo-serve PORT           TCP: echo each connection back (a process per connection)
  *   probe sink-serve PORT           TCP: read each connection to its end
  *   probe send ADDR PORT BYTES      TCP: send BYTES, wait for the close; prints bytes, seconds, Gbit/s
+ *   probe udp-stream ADDR PORT STOPFILE  one connected UDP socket, a datagram every 20 ms
+ *                                   (100 ms for each answer) until STOPFILE exists; prints
+ *                                   "<unix ms> <first word of the answer>" whenever that word
+ *                                   changes, then "asked <n>, answered <m>"
  *   probe stream ADDR PORT STOPFILE TCP: one connection; a line every 100 ms, each echo awaited,
  *                                   until STOPFILE exists. Prints "connected", then at the end
  *                                   "kept: <lines> lines, longest gap <ms> ms" or
@@ -128,6 +132,34 @@ static int udp_ask(const char *addr, const char *port, int count)
 	return answered == count ? 0 : 1;
 }
 
+static int udp_stream(const char *addr, const char *port, const char *stop)
+{
+	int s = connected(SOCK_DGRAM, addr, port), asked = 0, answered = 0;
+	char buf[512], who[512] = "";
+
+	while (access(stop, F_OK) != 0) {
+		struct pollfd p = {.fd = s, .events = POLLIN};
+		struct timespec ts;
+		int n;
+
+		send(s, "ask", 3, 0);
+		asked++;
+		if (poll(&p, 1, 100) == 1 && (n = recv(s, buf, sizeof(buf) - 1, 0)) > 0) {
+			buf[n] = 0;
+			buf[strcspn(buf, " \n")] = 0;
+			answered++;
+			if (strcmp(buf, who)) {
+				clock_gettime(CLOCK_REALTIME, &ts);
+				printf("%lld %s\n", (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, buf);
+				snprintf(who, sizeof(who), "%s", buf);
+			}
+		}
+		usleep(20000);
+	}
+	printf("asked %d, answered %d\n", asked, answered);
+	return 0;
+}
+
 static _Noreturn void tcp_serve(const char *port, int echo)
 {
 	int s = listener(SOCK_STREAM, port);
@@ -227,6 +259,8 @@ int main(int argc, char **argv)
 		udp_serve(argv[2]);
 	if (!strcmp(cmd, "udp-ask") && argc == 5)
 		return udp_ask(argv[2], argv[3], atoi(argv[4]));
+	if (!strcmp(cmd, "udp-stream") && argc == 5)
+		return udp_stream(argv[2], argv[3], argv[4]);
 	if (!strcmp(cmd, "echo-serve") && argc == 3)
 		tcp_serve(argv[2], 1);
 	if (!strcmp(cmd, "sink-serve") && argc == 3)
@@ -235,6 +269,6 @@ int main(int argc, char **argv)
 		return send_bytes(argv[2], argv[3], atoll(argv[4]));
 	if (!strcmp(cmd, "stream") && argc == 5)
 		return stream(argv[2], argv[3], argv[4]);
-	fprintf(stderr, "usage: probe udp-serve|udp-ask|echo-serve|sink-serve|send|stream ...\n");
+	fprintf(stderr, "usage: probe udp-serve|udp-ask|udp-stream|echo-serve|sink-serve|send|stream ...\n");
 	return 2;
 }

@@ -317,9 +317,18 @@ class Cluster:
         raise ClusterError(f"the agent's container {cid} on {node} has no task")
 
     def fast_path_on(self) -> bool:
-        out = self.kubectl("-n", "kube-system", "get", "configmap", "ferrite-config",
-                           "-o", "jsonpath={.data.fastPath}", check=False)
-        return self.cni_mode == "agent" and out.strip() == "true"
+        return self.config("fastPath") == "true"
+
+    def services_on(self) -> bool:
+        """ferrite balances Services' cluster IPs (deploy/config.yaml services)."""
+        return self.config("services") == "on"
+
+    def config(self, key: str) -> str | None:
+        """A value of the ferrite-config ConfigMap (None without the agent)."""
+        if self.cni_mode != "agent":
+            return None
+        return self.kubectl("-n", "kube-system", "get", "configmap", "ferrite-config",
+                            "-o", f"jsonpath={{.data.{key}}}", check=False).strip()
 
     # -- daemons: processes in a part's namespaces and cgroup, stopped by down ------
 
