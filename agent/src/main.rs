@@ -86,11 +86,21 @@ fn agent(cfg: Config) -> Result<ExitCode> {
         log::info!("NetworkPolicy not enforced (--network-policy=false)");
         None
     };
-    let service_updates = if !cfg.services {
-        log::info!("Services left to kube-proxy (--services=off)");
-        None
+    let services_tx = start_services(&cfg, &state, service_target(&cfg))?;
+    // Kept while the agent runs: the thread stops when its sender goes.
+    let (service_updates, _services_off) = if cfg.services {
+        (Some(services_tx), None)
     } else {
-        Some(start_services(&cfg, &state, service_target(&cfg))?)
+        // Nothing is watched: the thread programs an empty table, which
+        // takes out whatever an earlier run with Services on left.
+        log::info!("Services left to kube-proxy (--services=off)");
+        for empty in [
+            service::watch::Update::Services(service::watch::Delta::Listed(Vec::new())),
+            service::watch::Update::Endpoints(service::watch::Delta::Listed(Vec::new())),
+        ] {
+            services_tx.send(empty).context("the service thread")?;
+        }
+        (None, Some(services_tx))
     };
     let worker = std::thread::Builder::new()
         .name("ferrite-sync".into())

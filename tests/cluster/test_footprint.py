@@ -13,7 +13,8 @@ per endpoint and 10 others):
   periodic resync: the watches first go quiet (no sync for 5 s), and a
   window that saw watch events is tried again, up to 3 times;
 - series per endpoint <= 24 (8 counters and 8 drop reasons today: each new
-  drop reason adds one per pod), other series <= 50.
+  drop reason adds one per pod), other series <= 80 (51 with the policy and
+  Service threads' series, 2026-12).
 """
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ QUIET_MAX = 90  # s
 RSS_MAX_MIB = 32
 CPU_MAX_PCT = 0.25
 SERIES_PER_ENDPOINT_MAX = 24
-OTHER_SERIES_MAX = 50
+OTHER_SERIES_MAX = 80
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_series_count(footprint, figures):
             f"(limit {SERIES_PER_ENDPOINT_MAX}), {other} others (limit {OTHER_SERIES_MAX})")
     assert per <= SERIES_PER_ENDPOINT_MAX, (
         f"{per:.1f} series per endpoint (limit {SERIES_PER_ENDPOINT_MAX}; measured 16 when set)")
-    assert other <= OTHER_SERIES_MAX, f"{other} series not per endpoint (limit {OTHER_SERIES_MAX}; measured 10 when set)"
+    assert other <= OTHER_SERIES_MAX, f"{other} series not per endpoint (limit {OTHER_SERIES_MAX}; measured 51 when set)"
 
 
 def test_rss(footprint, figures):
