@@ -256,7 +256,11 @@ static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 	if (kind == FLOW_MALFORMED)
 		return DROP_MALFORMED;
 	s->orig = s->key;
-	ret = svc_forward(svc_kind, skb->len);
+	ret = svc_forward(svc_kind, skb->len, 0);
+	/* Without kube-proxy: a NodePort of this node, from a pod. */
+	if (ret == SVC_NONE && nodeports_on() &&
+	    is_host_address(&s->key.daddr))
+		ret = svc_forward(svc_kind, skb->len, 1);
 	if (ret < 0)
 		return ret;
 	if (ret == SVC_REJECT)
@@ -264,9 +268,12 @@ static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 	if (ret == SVC_XLATED)
 		*dir = XLATE_FORWARD;
 	*dst = bpf_map_lookup_elem(&ferrite_endpts, &s->key.daddr);
-	/* An answer from a backend goes to a client here, or to its Service. */
+	/*
+	 * An answer from a backend goes to a client here, to its Service
+	 * (hairpin), or (NodePorts) to a client outside.
+	 */
 	if (*dir == XLATE_NONE &&
-	    (*dst || is_service_address(&s->key.daddr)) &&
+	    (*dst || is_service_address(&s->key.daddr) || nodeports_on()) &&
 	    svc_reverse(svc_kind) == SVC_XLATED) {
 		*dir = XLATE_REVERSE;
 		if (s->nat.what & SVC_NAT_DST)
@@ -376,7 +383,11 @@ static __noinline int handle_ipv4(struct __sk_buff *skb,
 		struct bpf_fib_lookup fib = {};
 		long rc;
 
-		if (!to_other_node(&sc->key))
+		/*
+		 * A NodePort's answer leaves with this node's address as its
+		 * source: the stack would take it for a martian.
+		 */
+		if (!to_other_node(&sc->key) && dir != XLATE_REVERSE)
 			return to_stack(skb, dir, 0);
 		ret = translate(skb, dir);
 		if (ret)
@@ -514,7 +525,11 @@ static __noinline int handle_ipv6(struct __sk_buff *skb,
 		struct bpf_fib_lookup fib = {};
 		long rc;
 
-		if (!to_other_node(&sc->key))
+		/*
+		 * A NodePort's answer leaves with this node's address as its
+		 * source: the stack would take it for a martian.
+		 */
+		if (!to_other_node(&sc->key) && dir != XLATE_REVERSE)
 			return to_stack(skb, dir, 0);
 		ret = translate(skb, dir);
 		if (ret)

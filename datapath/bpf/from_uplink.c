@@ -27,6 +27,7 @@
 #include "lib/common.h"
 #include "lib/flow.h"
 #include "lib/policy.h"
+#include "lib/reject.h"
 #include "lib/remote.h"
 #include "lib/service.h"
 #include "lib/stats.h"
@@ -90,31 +91,100 @@ static __always_inline int frame_source(union v6addr *src, void *data,
 	}
 }
 
-SEC("classifier")
-int from_uplink(struct __sk_buff *skb)
+/*
+ * A packet for this node's own address when ferrite serves NodePorts
+ * (kube-proxy does not run): a client's packet to a NodePort goes to a
+ * backend (into it when it is on this node; to its node, from this node's
+ * address, when it is on another and the Service's traffic policy is
+ * Cluster), and that backend's answer goes back to the client from the
+ * NodePort. A NodePort without backends answers as a Service does. The
+ * rest passes on to the stack.
+ */
+static __noinline int nodeport(struct __sk_buff *skb, int kind)
 {
-	struct endpoint_stats *st;
-	struct endpoint *dst;
-	struct ep_policy *pol;
 	struct scratch *sc = scratch();
-	struct flow_key key;
+	struct endpoint_stats *st;
+	struct endpoint *be = NULL;
+	struct ep_policy *pol;
+	void *data, *data_end;
+	struct ethhdr *eth;
+	int ret, down;
+
+	if (!sc)
+		return TC_ACT_UNSPEC;
+	sc->orig = sc->key;
+	ret = svc_reverse(kind);
+	if (ret != SVC_XLATED) {
+		ret = svc_forward(kind, skb->len, 1);
+		if (ret == SVC_REJECT) {
+			ret = sc->key.proto == IPPROTO_TCP ? reject_tcp(skb) : 1;
+			if (ret == 1)
+				ret = reject_packet(skb);
+			return ret ? TC_ACT_SHOT : bpf_redirect(skb->ifindex, 0);
+		}
+		if (ret != SVC_XLATED)
+			return ret < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+		be = bpf_map_lookup_elem(&ferrite_endpts, &sc->key.daddr);
+	}
+	if (be) {
+		pol = policy_of(be->ifindex);
+		if (pol && !policy_exempt(&sc->key)) {
+			int reason = policy_verdict(&sc->key, kind, NULL, pol, 0);
+
+			if (reason)
+				return policy_drop(reason, 0, be->ifindex, NULL);
+		}
+	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	down = eth->h_proto == bpf_htons(ETH_P_IP) ? ttl_down_ipv4(skb) :
+						     hop_down_ipv6(skb);
+	if (down < 0 || svc_apply(skb))
+		return TC_ACT_SHOT;
+	if (!be) {
+		ret = fib_forward(skb);
+		return ret < 0 ? TC_ACT_SHOT : ret;
+	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	mac_copy(eth->h_dest, be->pod_mac);
+	mac_copy(eth->h_source, be->host_mac);
+	st = stats_of(be->ifindex);
+	if (st) {
+		st->redirected_in_packets++;
+		st->redirected_in_bytes += skb->len;
+	}
+	if (be->flags & ENDPOINT_F_SHAPED) {
+		skb->mark = FERRITE_MARK_SHAPED;
+		return bpf_redirect(be->ifindex, 0);
+	}
+	return bpf_redirect_peer(be->ifindex, 0);
+}
+
+/*
+ * A packet for a pod of this node (@dst, its flow in the scratch key):
+ * redirected into it unless the stack must carry it.
+ */
+static __noinline int to_local_pod(struct __sk_buff *skb, int kind,
+				   struct endpoint *dst)
+{
+	struct scratch *sc = scratch();
+	struct endpoint_stats *st;
+	struct ep_policy *pol;
 	union v6addr src;
 	int xlated = 0;
 	struct ethhdr *eth;
 	void *data, *data_end;
-	int kind, down;
+	int down;
 
-	/* Only frames addressed to this node; never another's. */
-	if (skb->pkt_type != PACKET_HOST)
+	if (!sc)
 		return TC_ACT_UNSPEC;
-	pull_headers(skb);
-	kind = flow_of_frame(skb, &key);
-	if (!flow_is_routable(kind))
-		return TC_ACT_UNSPEC;
-	dst = bpf_map_lookup_elem(&ferrite_endpts, &key.daddr);
-	if (!dst)
-		return TC_ACT_UNSPEC;
-
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (frame_source(&src, data, data_end) < 0)
@@ -125,23 +195,22 @@ int from_uplink(struct __sk_buff *skb)
 		count_drop(stats_of(dst->ifindex), DROP_UPLINK_SPOOF);
 		return TC_ACT_SHOT;
 	}
-	if (is_stack_flow(&key))
+	if (is_stack_flow(&sc->key))
 		return TC_ACT_UNSPEC;
-	if (sc) {
-		sc->key = key;
-		sc->orig = key;
-		xlated = svc_reverse(kind) == SVC_XLATED;
-		/* A hairpin's answer never crosses nodes. */
-		if (xlated && (sc->nat.what & SVC_NAT_DST))
-			return TC_ACT_UNSPEC;
-	}
+	sc->orig = sc->key;
+	xlated = svc_reverse(kind) == SVC_XLATED;
+	/* A hairpin's answer never crosses nodes. */
+	if (xlated && (sc->nat.what & SVC_NAT_DST))
+		return TC_ACT_UNSPEC;
 	pol = policy_of(dst->ifindex);
-	if (pol && !policy_exempt(&key)) {
-		int reason = policy_verdict(&key, kind, NULL, pol, 0);
+	if (pol && !policy_exempt(&sc->key)) {
+		int reason = policy_verdict(&sc->key, kind, NULL, pol, 0);
 
 		if (reason)
 			return policy_drop(reason, 0, dst->ifindex, NULL);
 	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_UNSPEC;
@@ -172,6 +241,28 @@ int from_uplink(struct __sk_buff *skb)
 		return bpf_redirect(dst->ifindex, 0);
 	}
 	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+SEC("classifier")
+int from_uplink(struct __sk_buff *skb)
+{
+	struct scratch *sc = scratch();
+	struct endpoint *dst;
+	int kind;
+
+	/* Only frames addressed to this node; never another's. */
+	if (skb->pkt_type != PACKET_HOST || !sc)
+		return TC_ACT_UNSPEC;
+	pull_headers(skb);
+	kind = flow_of_frame(skb, &sc->key);
+	if (!flow_is_routable(kind))
+		return TC_ACT_UNSPEC;
+	dst = bpf_map_lookup_elem(&ferrite_endpts, &sc->key.daddr);
+	if (dst)
+		return to_local_pod(skb, kind, dst);
+	if (nodeports_on() && is_host_address(&sc->key.daddr))
+		return nodeport(skb, kind);
+	return TC_ACT_UNSPEC;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

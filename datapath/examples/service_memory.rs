@@ -52,13 +52,17 @@ fn main() {
                 id,
                 backends: ids,
                 affinity_timeout: None,
+                source_nat: false,
             },
         )
         .expect("frontend");
     }
     let after = dp.state_map_memory().unwrap();
     println!("{frontends} frontends x {per} backends");
-    println!("{:<18} {:>12} {:>12} {:>14}", "map", "before", "after", "per frontend");
+    println!(
+        "{:<18} {:>12} {:>12} {:>14}",
+        "map", "before", "after", "per frontend"
+    );
     for ((name, b), (_, a)) in before.iter().zip(&after) {
         if !name.starts_with("ferrite_svc") && name != "ferrite_backend" {
             continue;

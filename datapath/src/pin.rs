@@ -50,7 +50,7 @@ pub(crate) const STACKFLOW_MAP: &str = "ferrite_stkflow";
 /// the layout `STATE_DIR` names: change one and the name must change
 /// (datapath/tests/datapath/load.rs holds them and says so).
 pub(crate) const STATE_DIR: &str = "state-1";
-pub(crate) const STATE_MAPS: [&str; 16] = [
+pub(crate) const STATE_MAPS: [&str; 17] = [
     "ferrite_ct",
     "ferrite_eppol",
     "ferrite_polport",
@@ -67,6 +67,7 @@ pub(crate) const STATE_MAPS: [&str; 16] = [
     "ferrite_svcrev",
     "ferrite_svcaff",
     "ferrite_svcstat",
+    "ferrite_svccfg",
 ];
 
 /// Where map `name` is pinned for the version directory `version_dir`.

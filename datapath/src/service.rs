@@ -27,9 +27,15 @@ pub(crate) const SVCCT_MAP: &str = "ferrite_svcct";
 pub(crate) const SVCREV_MAP: &str = "ferrite_svcrev";
 pub(crate) const SVCAFF_MAP: &str = "ferrite_svcaff";
 pub(crate) const SVCSTAT_MAP: &str = "ferrite_svcstat";
+pub(crate) const SVCCFG_MAP: &str = "ferrite_svccfg";
 
 /// `SVC_F_AFFINITY`: sessionAffinity ClientIP.
 const SVC_F_AFFINITY: u32 = 1;
+/// `SVC_F_SNAT`: a NodePort whose flows to other nodes' backends take the
+/// node's address (externalTrafficPolicy Cluster).
+const SVC_F_SNAT: u32 = 2;
+/// `SVCCFG_NODEPORTS` in `ferrite_svccfg`.
+const SVCCFG_NODEPORTS: u32 = 1;
 /// `BACKEND_F_TERMINATING`.
 const BACKEND_F_TERMINATING: u32 = 1;
 
@@ -37,7 +43,9 @@ const BACKEND_F_TERMINATING: u32 = 1;
 /// this bounds what one Service takes of `ferrite_svcslot`).
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 4096;
 
-/// A Service address, port and protocol (6 TCP, 17 UDP).
+/// A Service address, port and protocol (6 TCP, 17 UDP). A NodePort's
+/// address is the unspecified one of its family (0.0.0.0 or ::): every
+/// address of the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub addr: IpAddr,
@@ -65,6 +73,9 @@ pub struct FrontendState {
     pub backends: Vec<u32>,
     /// sessionAffinity ClientIP, with its timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// A NodePort whose flows from outside to another node's backend take
+    /// this node's address as their source (externalTrafficPolicy Cluster).
+    pub source_nat: bool,
 }
 
 /// A frontend's counters, summed over CPUs.
@@ -99,11 +110,14 @@ pub struct ServiceMaps {
     pub(crate) rev: OwnedFd,
     pub(crate) aff: OwnedFd,
     pub(crate) stats: OwnedFd,
+    pub(crate) cfg: OwnedFd,
 }
 
 fn on(map: &'static str) -> impl FnOnce(sys::SysError) -> MapError {
     move |source| MapError::Syscall { map, source }
 }
+
+use on as on_map;
 
 fn svc_key(fe: &Frontend) -> [u8; 20] {
     let mut k = [0u8; 20];
@@ -129,17 +143,19 @@ fn slot_key(id: u32, slot: u32) -> [u8; 8] {
 }
 
 /// A `struct svc_value`.
-fn svc_value(id: u32, count: u32, affinity: Option<u32>) -> [u8; 16] {
+fn svc_value(st: &FrontendState) -> [u8; 16] {
     let mut v = [0u8; 16];
-    v[..4].copy_from_slice(&id.to_ne_bytes());
-    v[4..8].copy_from_slice(&count.to_ne_bytes());
-    let flags = if affinity.is_some() {
-        SVC_F_AFFINITY
-    } else {
-        0
-    };
+    v[..4].copy_from_slice(&st.id.to_ne_bytes());
+    v[4..8].copy_from_slice(&(st.backends.len() as u32).to_ne_bytes());
+    let mut flags = 0;
+    if st.affinity_timeout.is_some() {
+        flags |= SVC_F_AFFINITY;
+    }
+    if st.source_nat {
+        flags |= SVC_F_SNAT;
+    }
     v[8..12].copy_from_slice(&flags.to_ne_bytes());
-    v[12..].copy_from_slice(&affinity.unwrap_or(0).to_ne_bytes());
+    v[12..].copy_from_slice(&st.affinity_timeout.unwrap_or(0).to_ne_bytes());
     v
 }
 
@@ -196,6 +212,7 @@ impl crate::Datapath {
             rev: self.open_pin(SVCREV_MAP)?,
             aff: self.open_pin(SVCAFF_MAP)?,
             stats: self.open_pin(SVCSTAT_MAP)?,
+            cfg: self.open_pin(SVCCFG_MAP)?,
         })
     }
 }
@@ -232,6 +249,7 @@ impl ServiceMaps {
                     id,
                     backends,
                     affinity_timeout,
+                    source_nat: flags & SVC_F_SNAT != 0,
                 },
             ));
         }
@@ -299,13 +317,8 @@ impl ServiceMaps {
             .map_err(on(SLOT_MAP))?;
         }
         self.ensure_stats(st.id)?;
-        sys::map_update(
-            self.svc.as_fd(),
-            &svc_key(fe),
-            &svc_value(st.id, count, st.affinity_timeout),
-            BPF_ANY,
-        )
-        .map_err(on(SVC_MAP))?;
+        sys::map_update(self.svc.as_fd(), &svc_key(fe), &svc_value(st), BPF_ANY)
+            .map_err(on(SVC_MAP))?;
         for slot in count + 1..=old_count {
             sys::map_delete(self.slots.as_fd(), &slot_key(st.id, slot)).map_err(on(SLOT_MAP))?;
         }
@@ -359,6 +372,26 @@ impl ServiceMaps {
         Ok(Some(s))
     }
 
+    /// Whether the programs serve NodePorts (frontends with the unspecified
+    /// address): only where kube-proxy does not run.
+    pub fn set_nodeports(&self, on: bool) -> Result<(), MapError> {
+        let v = if on { SVCCFG_NODEPORTS } else { 0 };
+        sys::map_update(
+            self.cfg.as_fd(),
+            &0u32.to_ne_bytes(),
+            &v.to_ne_bytes(),
+            BPF_ANY,
+        )
+        .map_err(on_map(SVCCFG_MAP))
+    }
+
+    pub fn nodeports(&self) -> Result<bool, MapError> {
+        let mut v = [0u8; 4];
+        sys::map_lookup(self.cfg.as_fd(), &0u32.to_ne_bytes(), &mut v)
+            .map_err(on_map(SVCCFG_MAP))?;
+        Ok(u32::from_ne_bytes(v) & SVCCFG_NODEPORTS != 0)
+    }
+
     /// Flows whose backend is remembered (`ferrite_svcct`).
     pub fn flows(&self) -> Result<usize, MapError> {
         Ok(keys::<40>(&self.ct, SVCCT_MAP)?.len())
@@ -407,8 +440,16 @@ mod tests {
         let k = svc_key(&fe);
         assert_eq!(&k[16..18], &[0, 53], "port in network order");
         assert_eq!(frontend_of(&k), fe);
-        let v = svc_value(3, 2, Some(10800));
+        let mut st = FrontendState {
+            id: 3,
+            backends: vec![1, 2],
+            affinity_timeout: Some(10800),
+            source_nat: false,
+        };
+        let v = svc_value(&st);
         assert_eq!((u32_at(&v, 0), u32_at(&v, 4), u32_at(&v, 8)), (3, 2, 1));
-        assert_eq!(u32_at(&svc_value(3, 2, None), 8), 0);
+        st.affinity_timeout = None;
+        st.source_nat = true;
+        assert_eq!(u32_at(&svc_value(&st), 8), 2);
     }
 }

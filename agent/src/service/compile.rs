@@ -54,6 +54,9 @@ pub struct Wanted {
     /// Not-ready backends, sorted: only flows already there.
     pub terminating: Vec<BackendAddr>,
     pub affinity: Option<u32>,
+    /// A NodePort with externalTrafficPolicy Cluster: flows from outside to
+    /// another node's backend take this node's address.
+    pub source_nat: bool,
 }
 
 /// This node's desired Service table.
@@ -83,6 +86,8 @@ impl Table {
 pub struct ServiceView {
     pub services: BTreeMap<ServiceKey, ServiceInfo>,
     pub endpoints: BTreeMap<ServiceKey, EndpointsInfo>,
+    /// Program NodePorts too (kube-proxy does not run).
+    pub node_ports: bool,
 }
 
 /// A service port's backends: from every subset with a port of the same
@@ -130,6 +135,7 @@ fn frontends_of(
     svc: &ServiceInfo,
     eps: Option<&EndpointsInfo>,
     node: &str,
+    node_ports: bool,
 ) -> (Vec<(Frontend, Wanted)>, usize) {
     let mut out = Vec::new();
     let mut left = 0;
@@ -155,8 +161,45 @@ fn frontends_of(
                     active,
                     terminating,
                     affinity: svc.affinity,
+                    source_nat: false,
                 },
             ));
+        }
+    }
+    if node_ports {
+        // Every address of the node, per family the Service has:
+        // externalTrafficPolicy Local keeps this node's backends (and the
+        // client's address), Cluster takes every backend.
+        let mut families: Vec<bool> = svc.cluster_ips.iter().map(IpAddr::is_ipv6).collect();
+        families.dedup();
+        let only_node = svc.external_local.then_some(node);
+        for v6 in families {
+            let any: IpAddr = if v6 {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            for port in &svc.ports {
+                let Some(np) = port.node_port else { continue };
+                if port.proto != PROTO_TCP && port.proto != PROTO_UDP {
+                    continue;
+                }
+                let (active, terminating) = backends_of(port, eps, v6, only_node);
+                out.push((
+                    Frontend {
+                        addr: any,
+                        port: np,
+                        proto: port.proto,
+                    },
+                    Wanted {
+                        service: (svc.namespace.clone(), svc.name.clone()),
+                        active,
+                        terminating,
+                        affinity: svc.affinity,
+                        source_nat: !svc.external_local,
+                    },
+                ));
+            }
         }
     }
     (out, left)
@@ -171,7 +214,8 @@ impl ServiceView {
         let old = self.services.iter().filter(|(k, _)| first.contains(*k));
         let new = self.services.iter().filter(|(k, _)| !first.contains(*k));
         for (key, svc) in old.chain(new) {
-            let (frontends, left) = frontends_of(svc, self.endpoints.get(key), node);
+            let (frontends, left) =
+                frontends_of(svc, self.endpoints.get(key), node, self.node_ports);
             table.left_to_kube_proxy += left;
             if frontends.is_empty() {
                 continue;

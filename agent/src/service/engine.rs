@@ -299,6 +299,7 @@ impl Engine {
                     id: fid,
                     backends: slots,
                     affinity_timeout: wanted.affinity,
+                    source_nat: wanted.source_nat,
                 },
             ));
         }
@@ -389,6 +390,7 @@ mod tests {
                     active: b(active),
                     terminating: b(term),
                     affinity: None,
+                    source_nat: false,
                 },
             );
         }

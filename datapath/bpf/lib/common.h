@@ -191,6 +191,11 @@ static __always_inline void v4_mapped(union v6addr *a, __be32 ip)
 	a->w[3] = ip;
 }
 
+static __always_inline int is_v4_mapped(const union v6addr *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
 /* Headers ferrite reads: Ethernet + the longest IPv4 header + 8 bytes of L4. */
 #define FERRITE_PULL_LEN (14 + 60 + 8)
 

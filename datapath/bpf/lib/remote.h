@@ -89,4 +89,46 @@ static __always_inline int fib_send(struct __sk_buff *skb,
 	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
+/*
+ * Sends the IPv4 or IPv6 packet in @skb (its TTL already lowered) where
+ * the FIB says its destination is, as a router would. Returns the
+ * redirect, or -1 when the FIB cannot resolve it.
+ */
+static __always_inline int fib_forward(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct bpf_fib_lookup fib = {};
+	struct ethhdr *eth = data;
+	long rc;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		fib.family = FERRITE_AF_INET;
+		fib.tos = ip->tos;
+		fib.l4_protocol = ip->protocol;
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		fib.family = FERRITE_AF_INET6;
+		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
+		fib.l4_protocol = ip6->nexthdr;
+		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, sizeof(fib.ipv6_src));
+		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, sizeof(fib.ipv6_dst));
+	}
+	rc = fib_resolve(skb, &fib);
+	if (rc < 0)
+		return -1;
+	return fib_send(skb, &fib, rc);
+}
+
 #endif /* FERRITE_REMOTE_H */

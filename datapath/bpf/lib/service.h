@@ -50,6 +50,11 @@
 #define FERRITE_SVC_CT_DEFAULT_ENTRIES 65536
 #define FERRITE_SVC_AFFINITY_ENTRIES 65536
 
+/* Source ports a NodePort flow to another node's backend may take. */
+#define SVC_NAT_PORT_MIN 32768
+#define SVC_NAT_PORTS 28232
+#define SVC_NAT_TRIES 4
+
 /* How long an idle flow keeps its backend. */
 #define SVC_CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
 #define SVC_CT_LIFETIME_UDP_NS (120ULL * 1000000000ULL)
@@ -65,6 +70,20 @@ _Static_assert(sizeof(struct svc_key) == 20, "svc_key size");
 
 /* svc_value.flags: sessionAffinity ClientIP. */
 #define SVC_F_AFFINITY 0x1
+/*
+ * svc_value.flags: a NodePort (its key's address is the unspecified one:
+ * every address of the node) whose traffic from outside to a backend on
+ * another node takes the node's address as its source, so the answer
+ * comes back through this node (externalTrafficPolicy Cluster).
+ */
+#define SVC_F_SNAT 0x2
+
+/*
+ * ferrite_svccfg[0]: SVCCFG_NODEPORTS when the agent programs NodePorts
+ * (kube-proxy is not running): only then do from_uplink and from_pod look
+ * for them and for their answers.
+ */
+#define SVCCFG_NODEPORTS 0x1
 
 struct svc_value {
 	__u32 id;		/* the frontend's id, never 0 */
@@ -98,15 +117,18 @@ struct svc_ct {
 	__u64 seen;
 	__u32 backend;
 	__u32 frontend;
+	__be16 nat_port;	/* a NodePort flow's source port to the backend, or 0 */
+	__u16 _pad;
+	__u32 _pad2;
 };
-_Static_assert(sizeof(struct svc_ct) == 16, "svc_ct size");
+_Static_assert(sizeof(struct svc_ct) == 24, "svc_ct size");
 
 /* ferrite_svcrev value, keyed by the answer as the backend sends it. */
 struct svc_rev {
 	union v6addr vip;	/* the Service address the client used */
 	union v6addr client;	/* the client (the answer's real destination) */
 	__be16 vport;
-	__u16 _pad;
+	__be16 cport;		/* the client's port */
 	__u32 frontend;
 };
 _Static_assert(sizeof(struct svc_rev) == 40, "svc_rev size");
@@ -183,6 +205,22 @@ struct {
 	__type(value, struct aff_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrite_svcaff SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferrite_svccfg SEC(".maps");
+
+static __always_inline int nodeports_on(void)
+{
+	__u32 zero = 0;
+	__u32 *cfg = bpf_map_lookup_elem(&ferrite_svccfg, &zero);
+
+	return cfg && (*cfg & SVCCFG_NODEPORTS);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -312,7 +350,7 @@ static __always_inline __u64 svc_ct_lifetime(__u8 proto)
  * Returns SVC_NONE, SVC_XLATED, SVC_REJECT, or DROP_SVC_NO_BACKEND when
  * the frontend's backends changed under the packet.
  */
-__noinline int svc_forward(int kind, __u32 len)
+__noinline int svc_forward(int kind, __u32 len, int nodeport)
 {
 	struct scratch *s = scratch();
 	struct svc_stats *stats;
@@ -322,6 +360,7 @@ __noinline int svc_forward(int kind, __u32 len)
 	struct svc_nat *nat;
 	struct svc_key sk = {};
 	struct svc_ct *ct;
+	__be16 nat_port = 0;
 	__u64 now;
 
 	if (!s)
@@ -334,7 +373,13 @@ __noinline int svc_forward(int kind, __u32 len)
 		return SVC_NONE;
 	sk.port = key->dport;
 	sk.proto = key->proto;
-	sk.addr = key->daddr;
+	if (nodeport) {
+		/* Every address of the node: the family's unspecified one. */
+		if (is_v4_mapped(&key->daddr))
+			v4_mapped(&sk.addr, 0);
+	} else {
+		sk.addr = key->daddr;
+	}
 	svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
 	if (!svc)
 		return SVC_NONE;
@@ -344,12 +389,14 @@ __noinline int svc_forward(int kind, __u32 len)
 	if (ct && ct->frontend == svc->id &&
 	    now - ct->seen < svc_ct_lifetime(key->proto)) {
 		be = usable_backend(ct->backend, svc->id, key->proto, 1);
+		nat_port = ct->nat_port;
 		if (be && now - ct->seen > CT_REFRESH_NS)
 			ct->seen = now;
 	}
 	if (!be) {
 		struct svc_ct nct = { .seen = now, .frontend = svc->id };
-		struct svc_rev rev = { .vport = key->dport, .frontend = svc->id };
+		struct svc_rev rev = { .vport = key->dport, .cport = key->sport,
+				       .frontend = svc->id };
 		struct flow_key rk;
 
 		nct.backend = svc_pick(svc, &key->saddr, key->proto, now);
@@ -363,7 +410,6 @@ __noinline int svc_forward(int kind, __u32 len)
 		be = usable_backend(nct.backend, svc->id, key->proto, 0);
 		if (!be)
 			return DROP_SVC_NO_BACKEND;
-		bpf_map_update_elem(&ferrite_svcct, key, &nct, BPF_ANY);
 		/* The answer as the backend sends it. */
 		rev.vip = key->daddr;
 		rev.client = key->saddr;
@@ -376,7 +422,34 @@ __noinline int svc_forward(int kind, __u32 len)
 		rk._pad[0] = 0;
 		rk._pad[1] = 0;
 		rk._pad[2] = 0;
-		bpf_map_update_elem(&ferrite_svcrev, &rk, &rev, BPF_ANY);
+		if ((svc->flags & SVC_F_SNAT) &&
+		    !bpf_map_lookup_elem(&ferrite_endpts, &be->addr)) {
+			/*
+			 * From outside to another node's backend: from this
+			 * node's address, on the client's port if no other
+			 * flow to that backend holds it, else on one taken
+			 * at random (the reverse entry is the reservation).
+			 */
+			int i;
+
+			rk.daddr = key->daddr;
+			for (i = 0; i < SVC_NAT_TRIES; i++) {
+				if (i)
+					rk.dport = bpf_htons(SVC_NAT_PORT_MIN +
+							     bpf_get_prandom_u32() %
+								     SVC_NAT_PORTS);
+				if (!bpf_map_update_elem(&ferrite_svcrev, &rk,
+							 &rev, BPF_NOEXIST))
+					break;
+			}
+			if (i == SVC_NAT_TRIES)
+				return DROP_SVC_NO_BACKEND;
+			nat_port = rk.dport;
+		} else {
+			bpf_map_update_elem(&ferrite_svcrev, &rk, &rev, BPF_ANY);
+		}
+		nct.nat_port = nat_port;
+		bpf_map_update_elem(&ferrite_svcct, key, &nct, BPF_ANY);
 		if (stats)
 			stats->flows++;
 	}
@@ -393,6 +466,12 @@ __noinline int svc_forward(int kind, __u32 len)
 	if (addr_eq(&be->addr, &key->saddr)) {
 		nat->what |= SVC_NAT_SRC;
 		nat->saddr = key->daddr;
+	}
+	/* A NodePort's flow to another node: from this node's address. */
+	if (nat_port) {
+		nat->what |= SVC_NAT_SRC;
+		nat->saddr = key->daddr;
+		nat->sport = nat_port;
 	}
 	key->daddr = be->addr;
 	key->dport = be->port;
@@ -428,11 +507,13 @@ __noinline int svc_reverse(int kind)
 	nat->frontend = rev->frontend;
 	nat->saddr = rev->vip;
 	nat->sport = rev->vport;
-	nat->dport = key->dport;
-	if (!addr_eq(&rev->client, &key->daddr)) {
+	nat->dport = rev->cport;
+	/* Hairpin, or a NodePort's flow this node translated the source of. */
+	if (!addr_eq(&rev->client, &key->daddr) || rev->cport != key->dport) {
 		nat->what |= SVC_NAT_DST;
 		nat->daddr = rev->client;
 		key->daddr = rev->client;
+		key->dport = rev->cport;
 	}
 	return SVC_XLATED;
 }

@@ -80,10 +80,11 @@ fn second_open_or_load_opens_the_pins() {
         ("ferrite_svc", "1 20 16 65536 0x1"),
         ("ferrite_svcslot", "1 8 4 262144 0x1"),
         ("ferrite_backend", "1 4 32 65536 0x1"),
-        ("ferrite_svcct", "9 40 16 65536 0x0"),
+        ("ferrite_svcct", "9 40 24 65536 0x0"),
         ("ferrite_svcrev", "9 40 40 65536 0x0"),
         ("ferrite_svcaff", "9 24 16 65536 0x0"),
         ("ferrite_svcstat", "5 4 32 65536 0x1"),
+        ("ferrite_svccfg", "2 4 4 1 0x0"),
     ];
     let got: Vec<(&str, &str)> = layouts
         .iter()

@@ -106,6 +106,7 @@ fn service(
         id: first_id,
         backends: active,
         affinity_timeout: affinity,
+        source_nat: false,
     };
     m.set_frontend(&fe, &st).unwrap();
     st
@@ -657,6 +658,156 @@ fn policy_judges_the_backend_after_translation() {
                 1,
                 "counted at the backend"
             );
+        }
+    });
+}
+
+/// NodePorts (kube-proxy not running): a client outside reaches a backend
+/// on this node with its address kept, and the answer leaves from the
+/// NodePort; to another node's backend (externalTrafficPolicy Cluster) the
+/// flow takes this node's address and the client's port, and that
+/// backend's answer goes back to the client from the NodePort; a NodePort
+/// without backends answers with a RST. The test netns has no route out,
+/// so what leaves by the FIB is dropped here (the packet is checked).
+#[test]
+fn nodeports_from_outside() {
+    if !privileged("nodeports_from_outside") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcnodeport");
+        let dev = devices(2);
+        let m = t.dp.service_maps().unwrap();
+        m.set_nodeports(true).unwrap();
+        assert!(m.nodeports().unwrap());
+        let (node_v4, node_v6) = (addr("172.20.0.11"), addr("fd00:20::11"));
+        t.dp.policy_maps()
+            .unwrap()
+            .set_host_addresses(&[node_v4, node_v6])
+            .unwrap();
+        for (f, n) in families() {
+            let (node_ip, outside, any) = if n == 0 {
+                (node_v4, addr("192.0.2.7"), addr("0.0.0.0"))
+            } else {
+                (node_v6, addr("2001:db8::7"), addr("::"))
+            };
+            let b = Pod::new(f.b, dev[usize::from(n / 10)], 2 + n).add_to(&t.dp);
+            let remote = addr(f.remote_pod);
+            let base = 1 + u32::from(n) * 10;
+            let np = |m: &ServiceMaps, port: u16, id: u32, backends: &[(IpAddr, u16, bool)]| {
+                let st = service(
+                    m,
+                    fe(&any.to_string(), port, IPPROTO_TCP),
+                    id,
+                    backends,
+                    None,
+                );
+                m.set_frontend(
+                    &fe(&any.to_string(), port, IPPROTO_TCP),
+                    &FrontendState {
+                        source_nat: true,
+                        ..st
+                    },
+                )
+                .unwrap();
+            };
+            np(&m, 30080, base, &[(b.ip, 8080, false)]);
+            np(&m, 30081, base + 1, &[(remote, 8080, false)]);
+            np(&m, 30082, base + 2, &[]);
+            let from_outside = |port: u16, sport: u16| {
+                ip(
+                    PEER_MAC,
+                    NODE_MAC,
+                    outside,
+                    node_ip,
+                    IPPROTO_TCP,
+                    63,
+                    &l4(outside, node_ip, IPPROTO_TCP, sport, port),
+                )
+            };
+
+            // A backend here: into it, the client's address kept.
+            let (v, out) = run(&t, Program::FromUplink, &from_outside(30080, 40000), UPLINK);
+            assert_eq!(v, TC_ACT_REDIRECT, "{}: into the backend", f.b);
+            assert_eq!(seen(&out), (outside, 40000, b.ip, 8080));
+            let (_, out) = run(
+                &t,
+                Program::FromPod,
+                &sent(&b, outside, IPPROTO_TCP, 8080, 40000),
+                b.ifindex,
+            );
+            assert_eq!(
+                seen(&out),
+                (node_ip, 30080, outside, 40000),
+                "the answer leaves from the NodePort"
+            );
+
+            // Another node's backend: from this node's address.
+            let (_, out) = run(&t, Program::FromUplink, &from_outside(30081, 40001), UPLINK);
+            assert_eq!(
+                seen(&out),
+                (node_ip, 40001, remote, 8080),
+                "source translated, the client's port kept"
+            );
+            let answer = ip(
+                PEER_MAC,
+                NODE_MAC,
+                remote,
+                node_ip,
+                IPPROTO_TCP,
+                63,
+                &l4(remote, node_ip, IPPROTO_TCP, 8080, 40001),
+            );
+            let (_, out) = run(&t, Program::FromUplink, &answer, UPLINK);
+            assert_eq!(
+                seen(&out),
+                (node_ip, 30081, outside, 40001),
+                "back to the client"
+            );
+            // Another client on the same port: another source port.
+            let other = if n == 0 {
+                addr("192.0.2.8")
+            } else {
+                addr("2001:db8::8")
+            };
+            let pkt = ip(
+                PEER_MAC,
+                NODE_MAC,
+                other,
+                node_ip,
+                IPPROTO_TCP,
+                63,
+                &l4(other, node_ip, IPPROTO_TCP, 40001, 30081),
+            );
+            let (_, out) = run(&t, Program::FromUplink, &pkt, UPLINK);
+            let (s, sport, d, _) = seen(&out);
+            assert_eq!((s, d), (node_ip, remote));
+            assert_ne!(sport, 40001, "the port is taken by the first client's flow");
+
+            // No backend: a RST from the NodePort, back out of the uplink.
+            let mut syn = from_outside(30082, 40002);
+            let tcp_at = if n == 0 { 34 } else { 54 };
+            syn[tcp_at + 13] = 0x02;
+            syn[tcp_at + 16..tcp_at + 18].copy_from_slice(&[0, 0]);
+            let sum = checksum(
+                &[
+                    pseudo(outside, node_ip, IPPROTO_TCP, 20),
+                    syn[tcp_at..].to_vec(),
+                ]
+                .concat(),
+            );
+            syn[tcp_at + 16..tcp_at + 18].copy_from_slice(&sum.to_be_bytes());
+            let (v, out) = run(&t, Program::FromUplink, &syn, UPLINK);
+            assert_eq!(v, TC_ACT_REDIRECT);
+            assert_eq!(seen(&out), (node_ip, 30082, outside, 40002));
+            assert_eq!(out[tcp_at + 13], 0x14, "RST|ACK");
+            assert_eq!(&out[..6], &PEER_MAC, "back to the sender");
+
+            // Without NodePorts switched on, the stack gets it all.
+            m.set_nodeports(false).unwrap();
+            let (v, _) = run(&t, Program::FromUplink, &from_outside(30080, 40003), UPLINK);
+            assert_eq!(v, -1, "TC_ACT_UNSPEC: kube-proxy's");
+            m.set_nodeports(true).unwrap();
         }
     });
 }

@@ -121,6 +121,7 @@ fn program(m: &ServiceMaps, fe: Frontend, id: u32, backends: &[(u32, IpAddr, u16
             id,
             backends: backends.iter().map(|b| b.0).collect(),
             affinity_timeout: None,
+            source_nat: false,
         },
     )
     .unwrap();
