@@ -49,6 +49,9 @@ pub struct Config {
     /// Load-balance Services (watch Services and Endpoints, program the
     /// datapath's Service maps).
     pub services: bool,
+    /// Whether kube-proxy runs beside ferrite (off: ferrite serves
+    /// NodePorts too).
+    pub kube_proxy: bool,
     /// Service frontends (cluster IP x port) the maps hold at most.
     pub service_max_frontends: u32,
     /// Service backends (all frontends' together) the maps hold at most.
@@ -100,6 +103,7 @@ impl Default for Config {
             network_policy: true,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             services: true,
+            kube_proxy: true,
             service_max_frontends: DEFAULT_SERVICE_MAX_FRONTENDS,
             service_max_backends: DEFAULT_SERVICE_MAX_BACKENDS,
             service_conntrack_entries: DEFAULT_SERVICE_CONNTRACK_ENTRIES,
@@ -224,6 +228,13 @@ pub struct Settings {
           value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
     services: bool,
 
+    /// Whether kube-proxy runs on the node (off: ferrite serves NodePorts
+    /// from outside too; needs --services=on)
+    #[arg(long, global = true, env = "FERRITE_KUBE_PROXY", value_name = "on|off",
+          default_value = "on", action = ArgAction::Set,
+          value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
+    kube_proxy: bool,
+
     /// Service frontends (cluster IP x port) programmed at most; a Service
     /// that does not fit is left to kube-proxy whole
     #[arg(long, global = true, env = "FERRITE_SERVICE_MAX_FRONTENDS", value_name = "FRONTENDS",
@@ -330,6 +341,7 @@ impl From<Settings> for Config {
             network_policy: s.network_policy,
             conntrack_entries: s.conntrack_entries,
             services: s.services,
+            kube_proxy: s.kube_proxy,
             service_max_frontends: s.service_max_frontends,
             service_max_backends: s.service_max_backends,
             service_conntrack_entries: s.service_conntrack_entries,
@@ -459,6 +471,12 @@ impl Config {
         if self.masquerade && self.cluster_cidrs.is_empty() {
             return Err(ConfigError::Invalid(
                 "--masquerade needs the cluster's CIDR(s): --cluster-cidr or FERRITE_CLUSTER_CIDR (or --masquerade=false)".into(),
+            ));
+        }
+        if !self.kube_proxy && !self.services {
+            return Err(ConfigError::Invalid(
+                "--kube-proxy=off needs --services=on: without either, nothing serves Services"
+                    .into(),
             ));
         }
         Ok(())
@@ -699,7 +717,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 23, "every setting has a variable");
+        assert_eq!(n, 24, "every setting has a variable");
     }
 
     #[test]

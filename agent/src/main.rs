@@ -193,11 +193,15 @@ fn start_policy(
 /// version is picked up).
 fn service_target(cfg: &Config) -> OpenTarget<ferrite_datapath::service::ServiceMaps> {
     let root = cfg.bpffs_root.clone();
+    let node_ports = cfg.services && !cfg.kube_proxy;
     Box::new(move || {
         let Some(dp) = ferrite_datapath::Datapath::open(&root)? else {
             return Ok(None);
         };
-        Ok(Some(dp.service_maps()?))
+        let maps = dp.service_maps()?;
+        // The programs look for NodePorts only where kube-proxy does not.
+        maps.set_nodeports(node_ports)?;
+        Ok(Some(maps))
     })
 }
 
@@ -215,6 +219,7 @@ fn start_services<T: ServiceTarget + 'static>(
             ..Default::default()
         },
         resync: cfg.resync,
+        node_ports: cfg.services && !cfg.kube_proxy,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let state = state.clone();

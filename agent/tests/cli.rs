@@ -74,6 +74,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_NETWORK_POLICY", "false"),
             ("FERRITE_CONNTRACK_ENTRIES", "65536"),
             ("FERRITE_SERVICES", "off"),
+            ("FERRITE_KUBE_PROXY", "on"),
             ("FERRITE_SERVICE_MAX_FRONTENDS", "1024"),
             ("FERRITE_SERVICE_MAX_BACKENDS", "4096"),
             ("FERRITE_SERVICE_CONNTRACK_ENTRIES", "8192"),
@@ -110,6 +111,7 @@ fn every_setting_has_its_variable() {
             network_policy: false,
             conntrack_entries: 65536,
             services: false,
+            kube_proxy: true,
             service_max_frontends: 1024,
             service_max_backends: 4096,
             service_conntrack_entries: 8192,
@@ -120,7 +122,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 23);
+    assert_eq!(variables().len(), 24);
 }
 
 #[test]
@@ -236,6 +238,7 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_NETWORK_POLICY", "true"),
         ("FERRITE_CONNTRACK_ENTRIES", "262144"),
         ("FERRITE_SERVICES", "on"),
+        ("FERRITE_KUBE_PROXY", "on"),
         ("FERRITE_SERVICE_CONNTRACK_ENTRIES", "65536"),
         ("FERRITE_MTU", "1500"),
         ("FERRITE_MASQUERADE", "true"),

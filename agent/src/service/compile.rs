@@ -484,6 +484,66 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_only_without_kube_proxy_and_by_traffic_policy() {
+        let mut p = port("web", PROTO_TCP, 80);
+        p.node_port = Some(30080);
+        let mut sctp = port("s", PROTO_SCTP, 90);
+        sctp.node_port = Some(30090);
+        let cluster = service("c", &["10.96.0.20", "fd00:96::20"], vec![p.clone(), sctp]);
+        let mut local = service(
+            "l",
+            &["10.96.0.21"],
+            vec![ServicePort {
+                node_port: Some(30081),
+                ..p.clone()
+            }],
+        );
+        local.external_local = true;
+        let subsets = vec![Subset {
+            ready: vec![
+                addr("10.0.1.2", "n1"),
+                addr("10.0.2.2", "n2"),
+                addr("fd00::1:2", "n1"),
+            ],
+            not_ready: vec![],
+            ports: vec![eport("web", PROTO_TCP, 8080)],
+        }];
+        let mut v = view(
+            vec![cluster, local],
+            vec![("c", subsets.clone()), ("l", subsets)],
+        );
+        let any4 = fe("0.0.0.0", 30080, PROTO_TCP);
+        assert!(
+            !table(&v).frontends.contains_key(&any4),
+            "kube-proxy serves NodePorts"
+        );
+        v.node_ports = true;
+        let t = table(&v);
+        let w = &t.frontends[&any4];
+        assert_eq!(
+            w.active,
+            vec![(ip("10.0.1.2"), 8080), (ip("10.0.2.2"), 8080)]
+        );
+        assert!(
+            w.source_nat,
+            "Cluster: another node's backend sees this node"
+        );
+        assert_eq!(
+            t.frontends[&fe("::", 30080, PROTO_TCP)].active,
+            vec![(ip("fd00::1:2"), 8080)]
+        );
+        let l = &t.frontends[&fe("0.0.0.0", 30081, PROTO_TCP)];
+        assert_eq!(
+            l.active,
+            vec![(ip("10.0.1.2"), 8080)],
+            "Local: this node's backends"
+        );
+        assert!(!l.source_nat);
+        assert!(!t.frontends.contains_key(&fe("0.0.0.0", 30090, PROTO_SCTP)));
+        assert!(!t.frontends[&fe("10.96.0.20", 80, PROTO_TCP)].source_nat);
+    }
+
+    #[test]
     fn internal_traffic_policy_local_keeps_this_nodes_backends() {
         let mut s = service("loc", &["10.96.0.13"], vec![port("", PROTO_TCP, 80)]);
         s.internal_local = true;

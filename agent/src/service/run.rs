@@ -35,6 +35,8 @@ pub struct ServiceSettings {
     pub node_name: String,
     pub limits: Limits,
     pub resync: Duration,
+    /// Program NodePorts too: kube-proxy does not run.
+    pub node_ports: bool,
 }
 
 /// The service thread's state.
@@ -57,10 +59,14 @@ pub struct ServiceLoop<T> {
 
 impl<T: ServiceTarget> ServiceLoop<T> {
     pub fn new(settings: ServiceSettings, state: Arc<AgentState>, open: OpenTarget<T>) -> Self {
+        let view = ServiceView {
+            node_ports: settings.node_ports,
+            ..ServiceView::default()
+        };
         ServiceLoop {
             settings,
             state,
-            view: ServiceView::default(),
+            view,
             listed: [false; 2],
             dirty: false,
             changed_since: None,
@@ -307,6 +313,7 @@ mod tests {
             node_name: "n1".into(),
             limits: Limits::default(),
             resync: Duration::from_secs(60),
+            node_ports: false,
         }
     }
 
