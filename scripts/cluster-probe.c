@@ -14,6 +14,11 @@
  *                                   (100 ms for each answer) until STOPFILE exists; prints
  *                                   "<unix ms> <first word of the answer>" whenever that word
  *                                   changes, then "asked <n>, answered <m>"
+ *   probe rr-serve PORT             TCP: one process, every connection echoed (poll), for rr and conns
+ *   probe rr ADDR PORT SECONDS      TCP: one connection, one byte each way at a time; prints
+ *                                   "<round trips> <p50 us> <p99 us>"
+ *   probe conns ADDR PORT SECONDS   TCP: connect, one byte each way, close, again; prints
+ *                                   "<connections> <per second> <failed>"
  *   probe stream ADDR PORT STOPFILE TCP: one connection; a line every 100 ms, each echo awaited,
  *                                   until STOPFILE exists. Prints "connected", then at the end
  *                                   "kept: <lines> lines, longest gap <ms> ms" or
@@ -24,6 +29,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -160,6 +166,107 @@ static int udp_stream(const char *addr, const char *port, const char *stop)
 	return 0;
 }
 
+#define RR_MAX_FDS 1024
+
+static _Noreturn void rr_serve(const char *port)
+{
+	static struct pollfd fds[RR_MAX_FDS];
+	int s = listener(SOCK_STREAM, port), n = 1, on = 1;
+	char buf[4096];
+
+	fds[0].fd = s;
+	fds[0].events = POLLIN;
+	for (;;) {
+		if (poll(fds, n, -1) < 0)
+			continue;
+		if ((fds[0].revents & POLLIN) && n < RR_MAX_FDS) {
+			int c = accept(s, NULL, NULL);
+
+			if (c >= 0) {
+				setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+				fds[n].fd = c;
+				fds[n].events = POLLIN;
+				fds[n].revents = 0;
+				n++;
+			}
+		}
+		for (int i = 1; i < n; i++) {
+			ssize_t r;
+
+			if (!fds[i].revents)
+				continue;
+			r = read(fds[i].fd, buf, sizeof(buf));
+			if (r <= 0 || write(fds[i].fd, buf, r) != r) {
+				close(fds[i].fd);
+				fds[i--] = fds[--n];
+			}
+		}
+	}
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static int rr(const char *addr, const char *port, double seconds)
+{
+	int s = connected(SOCK_STREAM, addr, port), on = 1, cap = 1 << 20, n = 0;
+	double *lat = malloc(sizeof(double) * cap), t0 = now();
+	char b = 'x';
+
+	setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+	while (now() - t0 < seconds && n < cap) {
+		double t = now();
+
+		if (write(s, &b, 1) != 1 || read(s, &b, 1) != 1)
+			die("rr");
+		lat[n++] = (now() - t) * 1e6;
+	}
+	qsort(lat, n, sizeof(double), cmp_double);
+	printf("%d %.1f %.1f\n", n, lat[n / 2], lat[(int)(n * 0.99)]);
+	return 0;
+}
+
+static int conns(const char *addr, const char *port, double seconds)
+{
+	struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons(atoi(port))};
+	struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons(atoi(port))};
+	struct sockaddr *sa = (struct sockaddr *)&a4;
+	socklen_t len = sizeof(a4);
+	int n = 0, failed = 0;
+	double t0 = now(), took;
+
+	if (inet_pton(AF_INET, addr, &a4.sin_addr) != 1) {
+		if (inet_pton(AF_INET6, addr, &a6.sin6_addr) != 1) {
+			fprintf(stderr, "probe: bad address %s\n", addr);
+			exit(2);
+		}
+		sa = (struct sockaddr *)&a6;
+		len = sizeof(a6);
+	}
+	while ((took = now() - t0) < seconds) {
+		int s = socket(sa->sa_family, SOCK_STREAM, 0), on = 1;
+		struct linger lg = {.l_onoff = 1, .l_linger = 0};
+		char b = 'x';
+
+		if (s < 0)
+			die("socket");
+		setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+		/* RST at close: no TIME_WAIT to run the client's ports out. */
+		setsockopt(s, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+		if (connect(s, sa, len) < 0 || write(s, &b, 1) != 1 || read(s, &b, 1) != 1)
+			failed++;
+		else
+			n++;
+		close(s);
+	}
+	printf("%d %.0f %d\n", n, n / took, failed);
+	return 0;
+}
+
 static _Noreturn void tcp_serve(const char *port, int echo)
 {
 	int s = listener(SOCK_STREAM, port);
@@ -259,6 +366,12 @@ int main(int argc, char **argv)
 		udp_serve(argv[2]);
 	if (!strcmp(cmd, "udp-ask") && argc == 5)
 		return udp_ask(argv[2], argv[3], atoi(argv[4]));
+	if (!strcmp(cmd, "rr-serve") && argc == 3)
+		rr_serve(argv[2]);
+	if (!strcmp(cmd, "rr") && argc == 5)
+		return rr(argv[2], argv[3], atof(argv[4]));
+	if (!strcmp(cmd, "conns") && argc == 5)
+		return conns(argv[2], argv[3], atof(argv[4]));
 	if (!strcmp(cmd, "udp-stream") && argc == 5)
 		return udp_stream(argv[2], argv[3], argv[4]);
 	if (!strcmp(cmd, "echo-serve") && argc == 3)
@@ -269,6 +382,6 @@ int main(int argc, char **argv)
 		return send_bytes(argv[2], argv[3], atoll(argv[4]));
 	if (!strcmp(cmd, "stream") && argc == 5)
 		return stream(argv[2], argv[3], argv[4]);
-	fprintf(stderr, "usage: probe udp-serve|udp-ask|udp-stream|echo-serve|sink-serve|send|stream ...\n");
+	fprintf(stderr, "usage: probe udp-serve|udp-ask|udp-stream|echo-serve|sink-serve|rr-serve|rr|conns|send|stream ...\n");
 	return 2;
 }

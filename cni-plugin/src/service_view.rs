@@ -27,6 +27,11 @@ fn socket(addr: IpAddr, port: u16) -> String {
 }
 
 fn frontend(fe: &Frontend) -> String {
+    if fe.addr.is_unspecified() {
+        // A NodePort: every address of the node, of one family.
+        let family = if fe.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+        return format!("NodePort {}/{} ({family})", fe.port, proto(fe.proto));
+    }
     format!("{}/{}", socket(fe.addr, fe.port), proto(fe.proto))
 }
 
@@ -37,9 +42,12 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
     let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
     let frontends = maps.frontends()?;
     for (fe, st) in &frontends {
-        let affinity = st
+        let mut affinity = st
             .affinity_timeout
             .map_or("none".to_string(), |t| format!("ClientIP {t} s"));
+        if st.source_nat {
+            affinity.push_str(", other nodes' backends from this node's address");
+        }
         let stats = maps.stats(st.id)?.unwrap_or_default();
         writeln!(
             out,
@@ -70,10 +78,15 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{} frontends, {} backends, {} flows with a backend",
+        "{} frontends, {} backends, {} flows with a backend; NodePorts {}",
         frontends.len(),
         backends.len(),
-        maps.flows()?
+        maps.flows()?,
+        if maps.nodeports()? {
+            "served (no kube-proxy)"
+        } else {
+            "left to kube-proxy"
+        }
     )?;
     Ok(())
 }

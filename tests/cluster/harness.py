@@ -549,10 +549,12 @@ def state_diff(before: str, after: str) -> list[str]:
 
 
 def pod_servers(http: Iterable[int] = (8080,), udp: Iterable[int] = (9000,), echo: Iterable[int] = (9001,),
-                sink: Iterable[int] = (9002,)) -> str:
+                sink: Iterable[int] = (9002,), rr: Iterable[int] = ()) -> str:
     """The shell command of a test pod that serves HTTP (/cgi-bin/id), UDP
-    ("<name> <sender>"), TCP echo and TCP sink on the ports given."""
+    ("<name> <sender>"), TCP echo, TCP sink and a one-process TCP echo for
+    request/response (probe rr-serve) on the ports given."""
     parts = [f"probe udp-serve {p} &" for p in udp]
+    parts += [f"probe rr-serve {p} &" for p in rr]
     parts += [f"probe echo-serve {p} &" for p in echo]
     parts += [f"probe sink-serve {p} &" for p in sink]
     http = list(http)
