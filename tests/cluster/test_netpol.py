@@ -462,13 +462,28 @@ def test_add_to_programmed(world: World, figures, cluster: Cluster):
                                     {"burst": "yes", "pod": f"burst-{i}"}) for i in range(n)])
     try:
         cluster.wait_pods_ready(ns, [f"burst-{i}" for i in range(n)], timeout=300)
-        times, ahead = [], 0
         start = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since - 1))
-        for node in cluster.nodes:
-            for pod, _ in cluster.agent_pods(node):
-                logs = cluster.kubectl("-n", "kube-system", "logs", pod, f"--since-time={start}")
-                times += [float(m) for m in re.findall(r"programmed ([\d.]+) ms after ADD", logs)]
-                ahead += logs.count("(computed ahead)")
+
+        def logged():
+            """Every agent's lines since the burst: (times, computed ahead)."""
+            times, ahead = [], 0
+            for node in cluster.nodes:
+                for pod, _ in cluster.agent_pods(node):
+                    logs = cluster.kubectl("-n", "kube-system", "logs", pod, f"--since-time={start}")
+                    times += [float(m) for m in re.findall(r"programmed ([\d.]+) ms after ADD", logs)]
+                    ahead += logs.count("(computed ahead)")
+            return times, ahead
+
+        # A pod can be Ready before its agent has read ADD's report (the
+        # policy thread takes reports between syncs): wait for the lines.
+        def all_logged():
+            got = logged()
+            return got if len(got[0]) >= n else None
+
+        try:
+            times, ahead = harness.wait_for(f"{n} endpoints logged as programmed", 20, all_logged, interval=1)
+        except harness.Timeout:
+            times, ahead = logged()
         assert len(times) >= n, f"{len(times)} of {n} endpoints logged as programmed"
         p50, p99 = statistics.median(times), percentile(times, 0.99)
         waited = sorted(t for t in times if t > 0)
