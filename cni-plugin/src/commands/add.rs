@@ -357,14 +357,20 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// How long ADD waits for room in the agent's queue: a burst of ADDs can
+/// fill it (net.unix.max_dgram_qlen, 10 by default) while the agent waits
+/// for a CPU.
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Tells the agent, if it listens, of an endpoint in a namespace with
 /// policies: waiting for its policy, or started with the one it computed.
-/// Best effort and never blocking: the agent also finds it on its own.
+/// Best effort, waiting REPORT_WAIT at most: the agent also finds the
+/// endpoint on its own, at its next sync.
 fn wake_agent(state_dir: &Path, ifindex: u32, since: u64, pending: bool) {
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
         return;
     };
-    if sock.set_nonblocking(true).is_ok() {
+    if sock.set_write_timeout(Some(REPORT_WAIT)).is_ok() {
         // The host veth, when its policy was set, and whether it waits:
         // the agent measures the time from then to the endpoint programmed.
         let mut report = [0u8; 16];
@@ -372,7 +378,7 @@ fn wake_agent(state_dir: &Path, ifindex: u32, since: u64, pending: bool) {
         report[4..12].copy_from_slice(&since.to_ne_bytes());
         report[12..].copy_from_slice(&u32::from(pending).to_ne_bytes());
         if let Err(e) = sock.send_to(&report, state_dir.join(AGENT_SOCKET)) {
-            log::debug!("agent not told of ifindex {ifindex}: {e}");
+            log::info!("agent not told of ifindex {ifindex}: {e}");
         }
     }
 }
