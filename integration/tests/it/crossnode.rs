@@ -223,12 +223,16 @@ fn service_with_a_backend_on_another_node() {
     assert_eq!(ad[4], 0, "no answer entered the client by redirect: {ad:?}");
     assert!(ad[5] > 50, "answers came through the stack: {ad:?}");
 
+    // 16 MB: enough packets that a stray one (a retransmission, the
+    // pod's own IPv6 housekeeping) cannot move the share past 1 % (4 MB
+    // once gave 158 of 160).
     let s1 = c.n1.stats().unwrap();
-    assert_eq!(tcp_echo(&b.ns, b.ip(), &a.ns, 4 << 20).unwrap(), 4 << 20);
+    assert_eq!(tcp_echo(&b.ns, b.ip(), &a.ns, 16 << 20).unwrap(), 16 << 20);
     let ad = delta(
         endpoint_counters(&c.n1.stats().unwrap(), a.ip()),
         endpoint_counters(&s1, a.ip()),
     );
+    eprintln!("direct: client {ad:?}");
     assert!(
         ad[2] * 100 >= ad[0] * 99,
         "direct traffic stays fast: {ad:?}"
