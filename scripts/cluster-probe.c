@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
@@ -250,11 +251,15 @@ static int conns(const char *addr, const char *port, double seconds)
 	while ((took = now() - t0) < seconds) {
 		int s = socket(sa->sa_family, SOCK_STREAM, 0), on = 1;
 		struct linger lg = {.l_onoff = 1, .l_linger = 0};
+		struct timeval tv = {.tv_sec = 1};
 		char b = 'x';
 
 		if (s < 0)
 			die("socket");
 		setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+		/* A connection that does not complete in 1 s counts as failed. */
+		setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+		setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 		/* RST at close: no TIME_WAIT to run the client's ports out. */
 		setsockopt(s, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 		if (connect(s, sa, len) < 0 || write(s, &b, 1) != 1 || read(s, &b, 1) != 1)

@@ -422,6 +422,14 @@ __noinline int svc_forward(int kind, __u32 len, int nodeport)
 		rk._pad[0] = 0;
 		rk._pad[1] = 0;
 		rk._pad[2] = 0;
+		/*
+		 * The flow is ferrite's from now on: a flow the host stack
+		 * carried earlier with the same ends (kube-proxy's, before
+		 * Services were switched on, or the same client port reused)
+		 * must not send its answers to the stack, whose conntrack
+		 * would find them INVALID.
+		 */
+		bpf_map_delete_elem(&ferrite_stkflow, &rk);
 		if ((svc->flags & SVC_F_SNAT) &&
 		    !bpf_map_lookup_elem(&ferrite_endpts, &be->addr)) {
 			/*

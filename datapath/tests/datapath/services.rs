@@ -811,3 +811,69 @@ fn nodeports_from_outside() {
         }
     });
 }
+
+/// A flow the host stack carried before (kube-proxy's, before Services
+/// were switched on) with the same ends as a new Service flow: the new
+/// flow is ferrite's, so its answers are redirected and translated rather
+/// than handed to the stack, whose conntrack would find them INVALID.
+#[test]
+fn a_new_service_flow_is_not_taken_for_an_old_stack_flow() {
+    if !privileged("a_new_service_flow_is_not_taken_for_an_old_stack_flow") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcstale");
+        let dev = devices(2);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let a = Pod::new(f.a, dev[usize::from(n / 10)], 1 + n).add_to(&t.dp);
+            let (vip, remote) = (addr(f.vip), addr(f.remote_pod));
+            // kube-proxy's time: the stack sent a -> the backend.
+            let before = t.dp.stack_flows().unwrap();
+            let out = ip(
+                a.mac,
+                a.host_mac,
+                a.ip,
+                remote,
+                IPPROTO_TCP,
+                63,
+                &l4(a.ip, remote, IPPROTO_TCP, 41000, 8080),
+            );
+            assert_eq!(run(&t, Program::ToUplink, &out, UPLINK).0, -1);
+            assert_eq!(t.dp.stack_flows().unwrap(), before + 1, "{}: recorded", f.a);
+            let answer = ip(
+                PEER_MAC,
+                NODE_MAC,
+                remote,
+                a.ip,
+                IPPROTO_TCP,
+                63,
+                &l4(remote, a.ip, IPPROTO_TCP, 8080, 41000),
+            );
+            assert_eq!(
+                run(&t, Program::FromUplink, &answer, UPLINK).0,
+                -1,
+                "the stack's answer"
+            );
+
+            // Services on: the same ends, now through the ClusterIP.
+            service(
+                &m,
+                fe(f.vip, 80, IPPROTO_TCP),
+                1 + u32::from(n),
+                &[(remote, 8080, false)],
+                None,
+            );
+            let (_, sent_out) = run(
+                &t,
+                Program::FromPod,
+                &sent(&a, vip, IPPROTO_TCP, 41000, 80),
+                a.ifindex,
+            );
+            assert_eq!(seen(&sent_out), (a.ip, 41000, remote, 8080));
+            let (v, back) = run(&t, Program::FromUplink, &answer, UPLINK);
+            assert_eq!(v, TC_ACT_REDIRECT, "{}: ferrite's answer, redirected", f.a);
+            assert_eq!(seen(&back), (vip, 80, a.ip, 41000));
+        }
+    });
+}
