@@ -312,8 +312,7 @@ static __always_inline int translate(struct __sk_buff *skb, int dir)
 
 /*
  * The answer of a Service without backends (a TCP RST, else "port
- * unreachable"), back into the pod through its veth (to_pod lets it
- * pass).
+ * unreachable"), straight back into the pod.
  */
 static __always_inline int reject(struct __sk_buff *skb, __u8 proto,
 				  __u32 ifindex)
@@ -324,8 +323,7 @@ static __always_inline int reject(struct __sk_buff *skb, __u8 proto,
 		ret = reject_packet(skb);
 	if (ret)
 		return ret;
-	skb->mark = FERRITE_MARK_SHAPED;
-	return bpf_redirect(ifindex, 0);
+	return bpf_redirect_peer(ifindex, 0);
 }
 
 /* After a verdict from judge(): the answers that end the packet's way here. */

@@ -43,8 +43,26 @@ pub(crate) struct Maps {
     pub stackflow: OwnedFd,
 }
 
-fn on(map: &'static str) -> impl FnOnce(SysError) -> MapError {
+/// The error of a syscall on `map`.
+pub(crate) fn on(map: &'static str) -> impl FnOnce(SysError) -> MapError {
     move |source| MapError::Syscall { map, source }
+}
+
+/// Every key of `map`, `N` bytes each.
+pub(crate) fn keys<const N: usize>(
+    map: &OwnedFd,
+    name: &'static str,
+) -> Result<Vec<[u8; N]>, MapError> {
+    let mut out: Vec<[u8; N]> = Vec::new();
+    loop {
+        let mut next = [0u8; N];
+        let more = sys::map_next_key(map.as_fd(), out.last().map(|k| &k[..]), &mut next)
+            .map_err(on(name))?;
+        if !more {
+            return Ok(out);
+        }
+        out.push(next);
+    }
 }
 
 /// How many per-CPU values the kernel copies for a per-CPU map.

@@ -21,7 +21,7 @@ use std::{
 use thiserror::Error;
 
 use crate::{
-    maps::MapError,
+    maps::{keys, on, MapError},
     sys::{self, BPF_ANY},
     types::{ip_from_key, ip_key},
 };
@@ -581,24 +581,6 @@ impl crate::Datapath {
         sys::map_delete(self.open_pin(EPPOL_MAP)?.as_fd(), &key).map_err(on(EPPOL_MAP))?;
         sys::map_delete(self.open_pin(PODIDS_MAP)?.as_fd(), &key).map_err(on(PODIDS_MAP))?;
         Ok(())
-    }
-}
-
-fn on(map: &'static str) -> impl FnOnce(sys::SysError) -> MapError {
-    move |source| MapError::Syscall { map, source }
-}
-
-/// Every key of `map`, `N` bytes each.
-fn keys<const N: usize>(map: &OwnedFd, name: &'static str) -> Result<Vec<[u8; N]>, MapError> {
-    let mut out: Vec<[u8; N]> = Vec::new();
-    loop {
-        let mut next = [0u8; N];
-        let more = sys::map_next_key(map.as_fd(), out.last().map(|k| &k[..]), &mut next)
-            .map_err(on(name))?;
-        if !more {
-            return Ok(out);
-        }
-        out.push(next);
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    maps::{possible_cpus, MapError},
+    maps::{keys, on, possible_cpus, MapError},
     sys::{self, BPF_ANY},
     types::{ip_from_key, ip_key},
 };
@@ -113,12 +113,6 @@ pub struct ServiceMaps {
     pub(crate) cfg: OwnedFd,
 }
 
-fn on(map: &'static str) -> impl FnOnce(sys::SysError) -> MapError {
-    move |source| MapError::Syscall { map, source }
-}
-
-use on as on_map;
-
 fn svc_key(fe: &Frontend) -> [u8; 20] {
     let mut k = [0u8; 20];
     k[..16].copy_from_slice(&ip_key(fe.addr));
@@ -184,20 +178,6 @@ fn backend_of(v: &[u8; 32]) -> Backend {
         port: u16::from_be_bytes([v[16], v[17]]),
         frontend: u32_at(v, 20),
         terminating: u32_at(v, 24) & BACKEND_F_TERMINATING != 0,
-    }
-}
-
-/// Every key of `map`, `N` bytes each.
-fn keys<const N: usize>(map: &OwnedFd, name: &'static str) -> Result<Vec<[u8; N]>, MapError> {
-    let mut out: Vec<[u8; N]> = Vec::new();
-    loop {
-        let mut next = [0u8; N];
-        let more = sys::map_next_key(map.as_fd(), out.last().map(|k| &k[..]), &mut next)
-            .map_err(on(name))?;
-        if !more {
-            return Ok(out);
-        }
-        out.push(next);
     }
 }
 
@@ -374,21 +354,20 @@ impl ServiceMaps {
 
     /// Whether the programs serve NodePorts (frontends with the unspecified
     /// address): only where kube-proxy does not run.
-    pub fn set_nodeports(&self, on: bool) -> Result<(), MapError> {
-        let v = if on { SVCCFG_NODEPORTS } else { 0 };
+    pub fn set_nodeports(&self, serve: bool) -> Result<(), MapError> {
+        let v = if serve { SVCCFG_NODEPORTS } else { 0 };
         sys::map_update(
             self.cfg.as_fd(),
             &0u32.to_ne_bytes(),
             &v.to_ne_bytes(),
             BPF_ANY,
         )
-        .map_err(on_map(SVCCFG_MAP))
+        .map_err(on(SVCCFG_MAP))
     }
 
     pub fn nodeports(&self) -> Result<bool, MapError> {
         let mut v = [0u8; 4];
-        sys::map_lookup(self.cfg.as_fd(), &0u32.to_ne_bytes(), &mut v)
-            .map_err(on_map(SVCCFG_MAP))?;
+        sys::map_lookup(self.cfg.as_fd(), &0u32.to_ne_bytes(), &mut v).map_err(on(SVCCFG_MAP))?;
         Ok(u32::from_ne_bytes(v) & SVCCFG_NODEPORTS != 0)
     }
 
