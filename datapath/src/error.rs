@@ -24,6 +24,8 @@ pub enum DatapathError {
     Tcx(#[from] crate::tcx::TcxError),
     #[error(transparent)]
     Policy(crate::policy::PolicyError),
+    #[error(transparent)]
+    HostSock(crate::host_sock::HostSockError),
     /// An operation failed, and so did undoing what it had done.
     #[error("{error}; cleaning up {path} also failed: {rollback}")]
     Rollback {

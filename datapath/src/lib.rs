@@ -8,6 +8,7 @@
 
 mod drop_reason;
 mod error;
+pub mod host_sock;
 mod load;
 mod maps;
 pub mod pin;

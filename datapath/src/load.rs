@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::{programs::SchedClassifier, EbpfLoader};
+use aya::{
+    programs::{CgroupSockAddr, SchedClassifier},
+    Ebpf, EbpfLoader,
+};
 use thiserror::Error;
 
 /// The objects build.rs compiled, one per program, named like the program:
@@ -27,6 +30,11 @@ pub(crate) static OBJECTS: [(&str, &[u8]); 4] = [
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/to_uplink.o")),
     ),
 ];
+
+/// The object with the programs for the node's own sockets (host_sock.c):
+/// only the agent loads it, when kube-proxy does not run.
+static HOST_SOCK_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host_sock.o"));
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -92,17 +100,55 @@ pub(crate) fn load_and_pin_uplink(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-fn load_one(
+/// Loads the host socket programs ([`crate::host_sock::PROGRAMS`]) into the
+/// complete version directory `dir`, each pinned under a work name and
+/// renamed into place, like the uplink's.
+pub(crate) fn load_and_pin_host_sock(dir: &Path) -> Result<(), LoadError> {
+    let programs = crate::host_sock::PROGRAMS;
+    if programs.iter().all(|p| dir.join(p.name).exists()) {
+        return Ok(());
+    }
+    let object = "host_sock";
+    let mut ebpf = load_object(dir, object, HOST_SOCK_OBJECT, &crate::LoadOptions::default())?;
+    for p in programs {
+        let path = dir.join(p.name);
+        if path.exists() {
+            continue;
+        }
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(p.name)
+            .ok_or(LoadError::MissingProgram { object })?
+            .try_into()
+            .map_err(|source| LoadError::Program {
+                program: p.name,
+                source: Box::new(source),
+            })?;
+        program.load().map_err(|source| LoadError::Program {
+            program: p.name,
+            source: Box::new(source),
+        })?;
+        let work = dir.join(format!("tmp-{}-{}", p.name, std::process::id()));
+        program.pin(&work).map_err(|source| LoadError::Pin {
+            program: p.name,
+            path: work.clone(),
+            source: Box::new(source),
+        })?;
+        std::fs::rename(&work, &path).map_err(|source| LoadError::Publish {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Loads object `name` with its maps pinned by name in `dir`, the state
+/// maps in the shared state directory.
+fn load_object(
     dir: &Path,
     name: &'static str,
     bytes: &[u8],
-    pin: &Path,
     options: &crate::LoadOptions,
-) -> Result<(), LoadError> {
-    let state: Vec<PathBuf> = crate::pin::STATE_MAPS
-        .iter()
-        .map(|m| crate::pin::map_path(dir, m))
-        .collect();
+) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     // Never parse /sys/kernel/btf/vmlinux: ferrite has no CO-RE relocations.
     loader.btf(None).default_map_pin_directory(dir);
@@ -114,14 +160,24 @@ fn load_one(
         loader.map_max_entries("ferrite_svcrev", n);
     }
     // The state maps: an earlier version's are reused as they are.
-    for (m, path) in crate::pin::STATE_MAPS.iter().zip(&state) {
-        loader.map_pin_path(m, path.as_path());
+    for m in crate::pin::STATE_MAPS {
+        loader.map_pin_path(m, crate::pin::map_path(dir, m));
     }
-    let mut ebpf = loader.load(bytes).map_err(|source| LoadError::Object {
+    loader.load(bytes).map_err(|source| LoadError::Object {
         object: name,
         pin_dir: dir.to_owned(),
         source: Box::new(source),
-    })?;
+    })
+}
+
+fn load_one(
+    dir: &Path,
+    name: &'static str,
+    bytes: &[u8],
+    pin: &Path,
+    options: &crate::LoadOptions,
+) -> Result<(), LoadError> {
+    let mut ebpf = load_object(dir, name, bytes, options)?;
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(LoadError::MissingProgram { object: name })?

@@ -38,6 +38,9 @@ const BPF_PROG_ATTACH: i32 = 8;
 const BPF_PROG_DETACH: i32 = 9;
 const BPF_PROG_GET_FD_BY_ID: i32 = 13;
 const BPF_PROG_QUERY: i32 = 16;
+const BPF_OBJ_PIN: i32 = 6;
+const BPF_LINK_CREATE: i32 = 28;
+const BPF_LINK_UPDATE: i32 = 29;
 
 /// `BPF_TCX_INGRESS` / `BPF_TCX_EGRESS` (enum bpf_attach_type, Linux 6.6).
 pub(crate) const BPF_TCX_INGRESS: u32 = 46;
@@ -91,6 +94,66 @@ pub(crate) fn obj_get(path: &CString) -> Result<OwnedFd, SysError> {
     let fd = bpf(BPF_OBJ_GET, "BPF_OBJ_GET", &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins `fd` (a program, map or link) at `path` on a bpf filesystem.
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &CString) -> Result<(), SysError> {
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, "BPF_OBJ_PIN", &mut attr).map(drop)
+}
+
+/// `link_create` of `union bpf_attr`, padded to the size of its largest
+/// target-specific part: the kernel wants the bytes it does not read zero.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 6],
+}
+
+/// A link attaching `prog` to the cgroup directory `cgroup` at
+/// `attach_type` (one of the BPF_CGROUP_* hooks), after whatever other
+/// programs run there. It lasts while a descriptor or a pin holds it.
+pub(crate) fn cgroup_link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> Result<OwnedFd, SysError> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, "BPF_LINK_CREATE", &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Swaps the program of `link` for `prog` in one step.
+pub(crate) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), SysError> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, "BPF_LINK_UPDATE", &mut attr).map(drop)
 }
 
 #[repr(C)]
@@ -214,6 +277,19 @@ pub(crate) fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, SysError> {
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD", &mut attr)?;
     Ok(info[1])
+}
+
+/// The id of the program `link` runs (`bpf_link_info.prog_id`).
+pub(crate) fn link_prog_id(link: BorrowedFd<'_>) -> Result<u32, SysError> {
+    // struct bpf_link_info starts with { __u32 type; __u32 id; __u32 prog_id; }.
+    let mut info = [0u32; 3];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of::<[u32; 3]>() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD", &mut attr)?;
+    Ok(info[2])
 }
 
 #[repr(C)]

@@ -7,6 +7,7 @@ mod packet;
 
 mod attach;
 mod edges;
+mod host_sock;
 mod load;
 mod maps;
 mod policy;
