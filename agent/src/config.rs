@@ -52,6 +52,10 @@ pub struct Config {
     /// Whether kube-proxy runs beside ferrite (off: ferrite serves
     /// NodePorts too).
     pub kube_proxy: bool,
+    /// Where the node's cgroup hierarchies are mounted (the v2 root is
+    /// this or its `unified`): without kube-proxy, ferrite's host socket
+    /// programs attach there.
+    pub cgroup_root: PathBuf,
     /// Service frontends (cluster IP x port) the maps hold at most.
     pub service_max_frontends: u32,
     /// Service backends (all frontends' together) the maps hold at most.
@@ -68,6 +72,7 @@ pub struct Config {
 }
 
 const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ferrite";
+const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const DEFAULT_PLUGIN_SOURCE: &str = "/opt/ferrite/bin/ferrite";
 const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
@@ -104,6 +109,7 @@ impl Default for Config {
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             services: true,
             kube_proxy: true,
+            cgroup_root: DEFAULT_CGROUP_ROOT.into(),
             service_max_frontends: DEFAULT_SERVICE_MAX_FRONTENDS,
             service_max_backends: DEFAULT_SERVICE_MAX_BACKENDS,
             service_conntrack_entries: DEFAULT_SERVICE_CONNTRACK_ENTRIES,
@@ -235,6 +241,13 @@ pub struct Settings {
           value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
     kube_proxy: bool,
 
+    /// Where the node's cgroup hierarchies are mounted: without
+    /// kube-proxy, the node's own sockets reach Services through programs
+    /// attached at the cgroup v2 root found here (DIR or DIR/unified)
+    #[arg(long, global = true, env = "FERRITE_CGROUP_ROOT", value_name = "DIR",
+          default_value = DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+
     /// Service frontends (cluster IP x port) programmed at most; a Service
     /// that does not fit is left to kube-proxy whole
     #[arg(long, global = true, env = "FERRITE_SERVICE_MAX_FRONTENDS", value_name = "FRONTENDS",
@@ -342,6 +355,7 @@ impl From<Settings> for Config {
             conntrack_entries: s.conntrack_entries,
             services: s.services,
             kube_proxy: s.kube_proxy,
+            cgroup_root: s.cgroup_root,
             service_max_frontends: s.service_max_frontends,
             service_max_backends: s.service_max_backends,
             service_conntrack_entries: s.service_conntrack_entries,

@@ -64,6 +64,8 @@ pub trait DatapathPins {
     fn versions(&self) -> Result<Vec<String>, DatapathError>;
     /// Removes one version's pins.
     fn remove(&self, version: &str) -> Result<(), DatapathError>;
+    /// Detaches the host socket programs; how many hooks had them.
+    fn detach_host_sockets(&self) -> Result<usize, DatapathError>;
 }
 
 /// The pins under `root`, through the datapath crate.
@@ -89,6 +91,10 @@ impl DatapathPins for PinnedDatapath {
         }
         let dir = self.root.join(version);
         remove_dir_all(&dir)
+    }
+
+    fn detach_host_sockets(&self) -> Result<usize, DatapathError> {
+        Datapath::detach_host_sockets(&self.root)
     }
 }
 

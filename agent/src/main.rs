@@ -86,7 +86,7 @@ fn agent(cfg: Config) -> Result<ExitCode> {
         log::info!("NetworkPolicy not enforced (--network-policy=false)");
         None
     };
-    let services_tx = start_services(&cfg, &state, service_target(&cfg))?;
+    let services_tx = start_services(&cfg, &state, service_target(&cfg, &state))?;
     // Kept while the agent runs: the thread stops when its sender goes.
     let (service_updates, _services_off) = if cfg.services {
         (Some(services_tx), None)
@@ -190,10 +190,18 @@ fn start_policy(
 /// How the service thread opens the datapath's Service maps: `Ok(None)`
 /// while the sync thread has not loaded the datapath yet (it is asked
 /// again after a second, and after a failed sync, so an upgrade's new
-/// version is picked up).
-fn service_target(cfg: &Config) -> OpenTarget<ferrite_datapath::service::ServiceMaps> {
+/// version is picked up). Without kube-proxy it also gives the programs
+/// the node's addresses (NodePorts) and attaches the host socket programs
+/// (the node's own processes reaching ClusterIPs); with kube-proxy it
+/// detaches those, which kube-proxy then serves.
+fn service_target(
+    cfg: &Config,
+    state: &Arc<AgentState>,
+) -> OpenTarget<ferrite_datapath::service::ServiceMaps> {
     let root = cfg.bpffs_root.clone();
+    let cgroup_root = cfg.cgroup_root.clone();
     let node_ports = cfg.services && !cfg.kube_proxy;
+    let state = state.clone();
     Box::new(move || {
         let Some(dp) = ferrite_datapath::Datapath::open(&root)? else {
             return Ok(None);
@@ -201,8 +209,55 @@ fn service_target(cfg: &Config) -> OpenTarget<ferrite_datapath::service::Service
         let maps = dp.service_maps()?;
         // The programs look for NodePorts only where kube-proxy does not.
         maps.set_nodeports(node_ports)?;
+        let hooks = if node_ports {
+            let addrs = ferrite_agent::netlink::Netlink::new()?.host_addresses()?;
+            dp.policy_maps()?.set_host_addresses(&addrs)?;
+            attach_host_sockets(&dp, &cgroup_root)
+        } else {
+            let n = ferrite_datapath::Datapath::detach_host_sockets(&root)?;
+            if n > 0 {
+                log::info!("services: {n} host socket hooks detached: kube-proxy serves the node's own traffic to Services");
+            }
+            0
+        };
+        let mut status = state.service_status();
+        status.host_socket_hooks = hooks as u64;
+        state.set_service_status(status);
         Ok(Some(maps))
     })
+}
+
+/// Attaches the host socket programs at the cgroup v2 root under
+/// `cgroup_root`; how many hooks carry them. A node that cannot (no
+/// cgroup v2) keeps every other Service path: warned, not fatal.
+fn attach_host_sockets(dp: &ferrite_datapath::Datapath, cgroup_root: &std::path::Path) -> usize {
+    use ferrite_datapath::host_sock::{cgroup2_root, PROGRAMS};
+    let Some(cgroup) = cgroup2_root(cgroup_root) else {
+        log::warn!(
+            "services: no cgroup v2 hierarchy at {} or {}/unified: the node's own processes and hostNetwork pods cannot reach ClusterIPs without kube-proxy",
+            cgroup_root.display(),
+            cgroup_root.display()
+        );
+        return 0;
+    };
+    match dp.attach_host_sockets(&cgroup) {
+        Ok(r) => {
+            if r.created + r.updated > 0 {
+                log::info!(
+                    "services: host socket hooks at {}: {} attached, {} moved to this version, {} as they were",
+                    cgroup.display(),
+                    r.created,
+                    r.updated,
+                    r.unchanged
+                );
+            }
+            PROGRAMS.len()
+        }
+        Err(e) => {
+            log::warn!("services: attaching the host socket hooks at {}: {e}: the node's own processes and hostNetwork pods cannot reach ClusterIPs without kube-proxy", cgroup.display());
+            0
+        }
+    }
 }
 
 /// Starts the service thread; returns where the watches send their updates.
@@ -258,12 +313,13 @@ fn uninstall(cfg: &Config) -> Result<ExitCode> {
     };
     let report = ferrite_agent::uninstall::uninstall(cfg, &mut fast_path, &pins);
     log::info!(
-        "uninstall: conflist {}, plugin {}, {} routes, masquerade table {}, {} uplink programs, datapath versions {:?}",
+        "uninstall: conflist {}, plugin {}, {} routes, masquerade table {}, {} uplink programs, {} host socket hooks, datapath versions {:?}",
         if report.conflist { "removed" } else { "absent" },
         if report.plugin { "removed" } else { "absent" },
         report.routes,
         if report.masquerade_table { "removed" } else { "absent" },
         report.detached_programs,
+        report.host_socket_hooks,
         report.pin_versions
     );
     for e in &report.errors {

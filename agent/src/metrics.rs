@@ -108,6 +108,10 @@ pub struct ServiceStatus {
     /// Services over the limits, left out whole.
     pub left_out: u64,
     pub last_sync_micros: u64,
+    /// The node's own socket hooks ferrite has attached (of 8: connect,
+    /// sendmsg, recvmsg and getpeername, both families); 0 while
+    /// kube-proxy serves the node's own traffic.
+    pub host_socket_hooks: u64,
     /// From a watch event reaching the service thread to the maps written.
     pub event_to_datapath: Histogram,
 }
@@ -468,7 +472,7 @@ fn render_services(out: &mut String, s: &ServiceStatus) {
     if !s.synced && s.sync_errors == 0 {
         return;
     }
-    let gauges: [(&str, &str, u64); 4] = [
+    let gauges: [(&str, &str, u64); 5] = [
         (
             "ferrite_services_frontends",
             "Service frontends (cluster IP, port, protocol) in the maps.",
@@ -488,6 +492,11 @@ fn render_services(out: &mut String, s: &ServiceStatus) {
             "ferrite_services_last_sync_microseconds",
             "How long the last Service sync took.",
             s.last_sync_micros,
+        ),
+        (
+            "ferrite_services_host_socket_hooks",
+            "Socket hooks (of 8) through which the node's own processes reach Services; 0 where kube-proxy serves them.",
+            s.host_socket_hooks,
         ),
     ];
     for (name, help, value) in gauges {
@@ -738,6 +747,7 @@ mod tests {
             left_to_kube_proxy: 2,
             left_out: 1,
             last_sync_micros: 250,
+            host_socket_hooks: 8,
             ..Default::default()
         };
         s.event_to_datapath.observe(0.0015);
@@ -752,6 +762,7 @@ mod tests {
             "ferrite_services_left_out 1\n",
             "ferrite_services_syncs_total 3\n",
             "ferrite_services_last_sync_microseconds 250\n",
+            "ferrite_services_host_socket_hooks 8\n",
             "ferrite_services_event_to_datapath_seconds_bucket{le=\"0.001\"} 0\n",
             "ferrite_services_event_to_datapath_seconds_bucket{le=\"0.002\"} 1\n",
             "ferrite_services_event_to_datapath_seconds_bucket{le=\"0.5\"} 2\n",

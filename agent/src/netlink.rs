@@ -175,6 +175,15 @@ impl Netlink {
         Ok(out)
     }
 
+    /// The node's own addresses, every link's, sorted and once each.
+    pub fn host_addresses(&mut self) -> Result<Vec<std::net::IpAddr>> {
+        let mut addrs: Vec<std::net::IpAddr> =
+            self.addresses()?.into_iter().map(|a| a.address).collect();
+        addrs.sort();
+        addrs.dedup();
+        Ok(addrs)
+    }
+
     /// `ip link show`: index and name of every link.
     pub fn links(&mut self) -> Result<Vec<LinkName>> {
         let replies = self.nl.dump(

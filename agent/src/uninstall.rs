@@ -26,6 +26,8 @@ pub struct UninstallReport {
     pub masquerade_table: bool,
     /// ferrite's uplink programs taken off the node's links.
     pub detached_programs: usize,
+    /// Socket hooks (of the node's root cgroup) whose programs were ferrite's.
+    pub host_socket_hooks: usize,
     pub pin_versions: Vec<String>,
     pub errors: Vec<SyncError>,
 }
@@ -103,6 +105,10 @@ pub fn uninstall(
     }) {
         Ok(existed) => report.masquerade_table = existed,
         Err(e) => report.errors.push(SyncError::Masquerade(e)),
+    }
+    match pins.detach_host_sockets() {
+        Ok(n) => report.host_socket_hooks = n,
+        Err(e) => report.errors.push(SyncError::Pins(e)),
     }
     match remove_all_pins(pins, &cfg.bpffs_root) {
         Ok(versions) => report.pin_versions = versions,

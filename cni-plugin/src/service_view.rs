@@ -76,14 +76,20 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out, "  - {} terminating", socket(b.addr, b.port))?;
         }
     }
+    let root = dp.version_dir().parent().unwrap_or(std::path::Path::new("/"));
     writeln!(
         out,
-        "{} frontends, {} backends, {} flows with a backend; NodePorts {}",
+        "{} frontends, {} backends, {} flows with a backend; NodePorts {}; the node's own sockets {}",
         frontends.len(),
         backends.len(),
         maps.flows()?,
         if maps.nodeports()? {
             "served (no kube-proxy)"
+        } else {
+            "left to kube-proxy"
+        },
+        if Datapath::host_sockets_attached(root) {
+            "served (cgroup hooks)"
         } else {
             "left to kube-proxy"
         }

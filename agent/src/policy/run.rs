@@ -265,13 +265,7 @@ impl PolicyLoop {
     /// The node's own addresses: its traffic to local pods (kubelet's
     /// probes) is always allowed.
     fn sync_host_addresses(&mut self) -> anyhow::Result<()> {
-        let mut addrs: Vec<IpAddr> = crate::netlink::Netlink::new()?
-            .addresses()?
-            .into_iter()
-            .map(|a| a.address)
-            .collect();
-        addrs.sort();
-        addrs.dedup();
+        let addrs = crate::netlink::Netlink::new()?.host_addresses()?;
         if addrs != self.host_addresses {
             if let Some((_, maps)) = &self.datapath {
                 maps.set_host_addresses(&addrs)?;
