@@ -10,7 +10,13 @@ use std::{
 
 /// Objects, one C file each (one program each, but host_sock's eight), in
 /// a fixed order (the version hash covers them in this order).
-const PROGRAMS: &[&str] = &["from_pod", "to_pod", "from_uplink", "to_uplink", "host_sock"];
+const PROGRAMS: &[&str] = &[
+    "from_pod",
+    "to_pod",
+    "from_uplink",
+    "to_uplink",
+    "host_sock",
+];
 
 fn main() {
     let manifest_dir =

@@ -731,7 +731,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 24, "every setting has a variable");
+        assert_eq!(n, 25, "every setting has a variable");
     }
 
     #[test]

@@ -75,6 +75,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_CONNTRACK_ENTRIES", "65536"),
             ("FERRITE_SERVICES", "off"),
             ("FERRITE_KUBE_PROXY", "on"),
+            ("FERRITE_CGROUP_ROOT", "/cg"),
             ("FERRITE_SERVICE_MAX_FRONTENDS", "1024"),
             ("FERRITE_SERVICE_MAX_BACKENDS", "4096"),
             ("FERRITE_SERVICE_CONNTRACK_ENTRIES", "8192"),
@@ -112,6 +113,7 @@ fn every_setting_has_its_variable() {
             conntrack_entries: 65536,
             services: false,
             kube_proxy: true,
+            cgroup_root: "/cg".into(),
             service_max_frontends: 1024,
             service_max_backends: 4096,
             service_conntrack_entries: 8192,
@@ -122,7 +124,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 24);
+    assert_eq!(variables().len(), 25);
 }
 
 #[test]
@@ -217,10 +219,13 @@ fn the_daemonset_speaks_the_agents_flags() {
         }
     }
     assert_eq!(args.first().map(String::as_str), Some("run"));
+    // The API server's address, which the Kubernetes client reads itself.
+    let in_cluster = ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"];
     let env_names: Vec<&str> = manifest
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- name: "))
         .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .filter(|n| !in_cluster.contains(n))
         .collect();
     assert!(env_names.contains(&"NODE_NAME"));
     let known = variables();
@@ -239,6 +244,7 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_CONNTRACK_ENTRIES", "262144"),
         ("FERRITE_SERVICES", "on"),
         ("FERRITE_KUBE_PROXY", "on"),
+        ("FERRITE_CGROUP_ROOT", "/host/sys/fs/cgroup"),
         ("FERRITE_SERVICE_CONNTRACK_ENTRIES", "65536"),
         ("FERRITE_MTU", "1500"),
         ("FERRITE_MASQUERADE", "true"),

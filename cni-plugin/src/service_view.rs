@@ -76,7 +76,10 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out, "  - {} terminating", socket(b.addr, b.port))?;
         }
     }
-    let root = dp.version_dir().parent().unwrap_or(std::path::Path::new("/"));
+    let root = dp
+        .version_dir()
+        .parent()
+        .unwrap_or(std::path::Path::new("/"));
     writeln!(
         out,
         "{} frontends, {} backends, {} flows with a backend; NodePorts {}; the node's own sockets {}",

@@ -175,8 +175,13 @@ impl crate::Datapath {
         crate::load::load_and_pin_host_sock(self.version_dir())?;
         let cookie = netns_cookie()?;
         let hostns = self.open_pin(HOSTNS_MAP)?;
-        sys::map_update(hostns.as_fd(), &0u32.to_ne_bytes(), &cookie.to_ne_bytes(), sys::BPF_ANY)
-            .map_err(crate::maps::on(HOSTNS_MAP))?;
+        sys::map_update(
+            hostns.as_fd(),
+            &0u32.to_ne_bytes(),
+            &cookie.to_ne_bytes(),
+            sys::BPF_ANY,
+        )
+        .map_err(crate::maps::on(HOSTNS_MAP))?;
         let root = self.version_dir().parent().unwrap_or(Path::new("/"));
         let mut report = HostSockReport::default();
         let mut cgroup_fd = None;
@@ -192,7 +197,8 @@ impl crate::Datapath {
             };
             if let Some(link) = pin::open_pin(&path)? {
                 let want = sys::prog_id(prog.as_fd()).map_err(link_err("reading the id of"))?;
-                let has = sys::link_prog_id(link.as_fd()).map_err(link_err("reading the link of"))?;
+                let has =
+                    sys::link_prog_id(link.as_fd()).map_err(link_err("reading the link of"))?;
                 if want == has {
                     report.unchanged += 1;
                 } else {

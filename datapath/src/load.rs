@@ -109,7 +109,12 @@ pub(crate) fn load_and_pin_host_sock(dir: &Path) -> Result<(), LoadError> {
         return Ok(());
     }
     let object = "host_sock";
-    let mut ebpf = load_object(dir, object, HOST_SOCK_OBJECT, &crate::LoadOptions::default())?;
+    let mut ebpf = load_object(
+        dir,
+        object,
+        HOST_SOCK_OBJECT,
+        &crate::LoadOptions::default(),
+    )?;
     for p in programs {
         let path = dir.join(p.name);
         if path.exists() {

@@ -8,7 +8,8 @@ One module per area. Modules run in the order of their `stage` mark (no mark:
 60, after the read-only checks and before the ones that replace the agent,
 remove a node and uninstall ferrite). A check states its figures with the
 `figures` fixture: they are printed at the end of the run and written, with
-every check's outcome, to target/cluster/summary.txt.
+every check's outcome, to target/cluster/summary.txt (another name in that
+directory: $FERRITE_CLUSTER_SUMMARY).
 
 Fixtures: `cluster` (harness.Cluster), `workload` (the echo Deployment, two
 pods a node, its Service and a probe-free peer pod on the first and the
@@ -35,7 +36,8 @@ from harness import Cluster, ClusterError, Pod
 CI = os.environ.get("CI") == "true"
 DEFAULT_STAGE = 60
 SUMMARY = Path(os.environ.get("CARGO_TARGET_DIR", harness.REPO / "target"))
-SUMMARY = (SUMMARY if SUMMARY.is_absolute() else harness.REPO / SUMMARY) / "cluster" / "summary.txt"
+SUMMARY = ((SUMMARY if SUMMARY.is_absolute() else harness.REPO / SUMMARY) / "cluster"
+           / os.environ.get("FERRITE_CLUSTER_SUMMARY", "summary.txt"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -125,6 +125,8 @@ class Cluster:
     service_cidr: str
     api_svc_ip: str
     dns_svc_ip: str
+    kube_proxy: bool  # kube-proxy runs on the nodes (scripts/cluster up --kube-proxy=off: not)
+    deploy_dir: Path  # what up applied (deploy/, or its copy set up for no kube-proxy)
 
     @classmethod
     def from_env(cls) -> "Cluster":
@@ -160,6 +162,8 @@ class Cluster:
             service_cidr=c.get("SERVICE_CIDR", "10.96.0.0/16"),
             api_svc_ip=c.get("API_SVC_IP", "10.96.0.1"),
             dns_svc_ip=c.get("DNS_SVC_IP", "10.96.0.10"),
+            kube_proxy=c.get("KUBE_PROXY", "on") == "on",
+            deploy_dir=Path(c.get("DEPLOY", str(REPO / "deploy"))),
         )
 
     # -- places --------------------------------------------------------------------

@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """A NodePort Service whose only backend runs on another node than the one
 whose address is dialled: kube-proxy on the entry node DNATs, masquerades
-and sends the connection on to the backend's node with its own address.
-From the outside host and from the entry node's own namespace, both ways."""
+and sends the connection on to the backend's node with its own address;
+without kube-proxy, ferrite does (from_uplink for the outside host, the
+host socket hooks for the node's own namespace). From the outside host and
+from the entry node's own namespace, both ways."""
 import pytest
 
 import harness
@@ -38,17 +40,22 @@ def node_ports(cluster, workload):
             port = cluster.get("service", svc, namespace=ns)["spec"]["ports"][0]["nodePort"]
 
             def programmed():
+                if not cluster.kube_proxy:
+                    view = cluster.on(entry, "/opt/cni/bin/ferrite", "services", timeout=30).stdout
+                    return any(ln.startswith(f"NodePort {port}/tcp ") and ": 1 backends" in ln for ln in view.splitlines())
                 rules = cluster.on(entry, "iptables-save", "-t", "nat", timeout=20).stdout.splitlines()
                 return any(f"--to-destination {b.ip}:8080" in r and f"{ns}/{svc}" in r for r in rules)
 
+            who = "kube-proxy" if cluster.kube_proxy else "ferrite"
             try:
-                wait_for(f"kube-proxy on {entry} to program {svc}", 30, programmed)
+                wait_for(f"{who} on {entry} to program {svc}", 30, programmed)
                 made[(backend, entry)] = (port, b)
             except harness.Timeout as e:
                 made[(backend, entry)] = e
         v = made[(backend, entry)]
         if isinstance(v, Exception):
-            raise harness.ClusterError(f"NodePort np-{backend}: kube-proxy on {entry} has no rule to its backend "
+            who = "kube-proxy" if cluster.kube_proxy else "ferrite"
+            raise harness.ClusterError(f"NodePort np-{backend}: {who} on {entry} has no rule to its backend "
                                        f"after 30 s: {v}")
         return v
 

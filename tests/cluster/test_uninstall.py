@@ -29,7 +29,7 @@ def uninstalled(cluster, agent):
 
     def agents_gone():
         t0 = time.monotonic()
-        cluster.kubectl("delete", "-f", str(harness.REPO / "deploy"), "--wait=true", "--timeout=60s",
+        cluster.kubectl("delete", "-f", str(cluster.deploy_dir), "--wait=true", "--timeout=60s",
                         timeout=90, check=False)
         returned = since(t0)
         try:
@@ -69,7 +69,7 @@ def uninstalled(cluster, agent):
     reinstalled = []
     yield steps, reinstalled
     if not reinstalled:  # the cluster as up left it, whatever happened
-        cluster.kubectl("apply", "-f", str(harness.REPO / "deploy"), check=False)
+        cluster.kubectl("apply", "-f", str(cluster.deploy_dir), check=False)
 
 
 def test_pods_gone(uninstalled, figures):
@@ -106,7 +106,7 @@ def test_reinstall(cluster, uninstalled, figures):
     _, reinstalled = uninstalled
     t0 = time.monotonic()
     reinstalled.append(True)
-    cluster.kubectl("apply", "-f", str(harness.REPO / "deploy"))
+    cluster.kubectl("apply", "-f", str(cluster.deploy_dir))
 
     def installed():
         for n in cluster.nodes:

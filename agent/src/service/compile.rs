@@ -69,6 +69,8 @@ pub struct Table {
     pub left_to_kube_proxy: usize,
     /// Services left out whole, and why.
     pub left_out: BTreeMap<ServiceKey, String>,
+    /// Services with frontends of a protocol ferrite does not serve: how many.
+    pub unserved: BTreeMap<ServiceKey, usize>,
 }
 
 impl Table {
@@ -217,6 +219,9 @@ impl ServiceView {
             let (frontends, left) =
                 frontends_of(svc, self.endpoints.get(key), node, self.node_ports);
             table.left_to_kube_proxy += left;
+            if left > 0 {
+                table.unserved.insert(key.clone(), left);
+            }
             if frontends.is_empty() {
                 continue;
             }
@@ -596,6 +601,7 @@ mod tests {
         );
         let t = table(&v);
         assert_eq!(t.left_to_kube_proxy, 4);
+        assert_eq!(t.unserved.values().copied().collect::<Vec<_>>(), vec![4]);
         assert_eq!(
             t.frontends.keys().copied().collect::<Vec<_>>(),
             vec![
@@ -616,6 +622,7 @@ mod tests {
         let t = table(&v);
         assert!(t.frontends.is_empty() && t.services.is_empty());
         assert_eq!(t.left_to_kube_proxy, 0);
+        assert!(t.unserved.is_empty());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct ServiceLoop<T> {
     target: Option<T>,
     /// Services left out at the last sync (each warned about once).
     left_out: BTreeMap<ServiceKey, String>,
+    /// Services with frontends ferrite does not serve, at the last sync.
+    unserved: BTreeMap<ServiceKey, usize>,
 }
 
 impl<T: ServiceTarget> ServiceLoop<T> {
@@ -74,6 +76,7 @@ impl<T: ServiceTarget> ServiceLoop<T> {
             open,
             target: None,
             left_out: BTreeMap::new(),
+            unserved: BTreeMap::new(),
         }
     }
 
@@ -162,16 +165,30 @@ impl<T: ServiceTarget> ServiceLoop<T> {
         let took = started.elapsed();
         self.dirty = false;
 
+        // Without kube-proxy nothing else serves what ferrite leaves.
+        let fate = if self.settings.node_ports {
+            "not served: no kube-proxy runs"
+        } else {
+            "left to kube-proxy"
+        };
         for (key, why) in &table.left_out {
             if !self.left_out.contains_key(key) {
-                log::warn!(
-                    "Service {}/{} left out (left to kube-proxy): {why}",
-                    key.0,
-                    key.1
-                );
+                log::warn!("Service {}/{} left out ({fate}): {why}", key.0, key.1);
+            }
+        }
+        if self.settings.node_ports {
+            for (key, n) in &table.unserved {
+                if !self.unserved.contains_key(key) {
+                    log::warn!(
+                        "Service {}/{}: {n} frontends of a protocol ferrite does not serve (SCTP) {fate}",
+                        key.0,
+                        key.1
+                    );
+                }
             }
         }
         self.left_out = table.left_out;
+        self.unserved = table.unserved;
         self.report(&report, took);
         Ok(true)
     }

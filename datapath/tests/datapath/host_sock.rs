@@ -133,7 +133,10 @@ fn client(cgroup: &Cgroup, mode: &str, vip: &str, port: u16) -> String {
 fn backends(bind: &str, name: &'static str) -> (u16, u16) {
     let tcp = TcpListener::bind((bind, 0)).unwrap();
     let udp = UdpSocket::bind((bind, 0)).unwrap();
-    let ports = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+    let ports = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
     std::thread::spawn(move || {
         for mut c in tcp.incoming().map_while(Result::ok) {
             let _ = c.write_all(format!("{name}\n").as_bytes());
@@ -148,14 +151,7 @@ fn backends(bind: &str, name: &'static str) -> (u16, u16) {
     ports
 }
 
-fn frontend(
-    dp: &Datapath,
-    id: u32,
-    vip: &str,
-    port: u16,
-    proto: u8,
-    backend: Option<(&str, u16)>,
-) {
+fn frontend(dp: &Datapath, id: u32, vip: &str, port: u16, proto: u8, backend: Option<(&str, u16)>) {
     let m = dp.service_maps().unwrap();
     let mut active = Vec::new();
     if let Some((addr, bport)) = backend {
@@ -221,14 +217,26 @@ fn host_sockets_reach_services_and_pods_keep_the_address() {
         let root = t.dp.version_dir().parent().unwrap().to_owned();
         assert!(Datapath::host_sockets_attached(&root));
 
-        assert_eq!(client(&cgroup, "tcp", "10.96.0.10", 80), "backend-v4 10.96.0.10 80");
-        assert_eq!(client(&cgroup, "udp", "10.96.0.10", 53), "pong 10.96.0.10 53");
+        assert_eq!(
+            client(&cgroup, "tcp", "10.96.0.10", 80),
+            "backend-v4 10.96.0.10 80"
+        );
+        assert_eq!(
+            client(&cgroup, "udp", "10.96.0.10", 53),
+            "pong 10.96.0.10 53"
+        );
         assert_eq!(
             client(&cgroup, "udp-connected", "10.96.0.10", 53),
             "pong 10.96.0.10 53"
         );
-        assert_eq!(client(&cgroup, "tcp", "fd00:96::10", 80), "backend-v6 fd00:96::10 80");
-        assert_eq!(client(&cgroup, "udp", "fd00:96::10", 53), "pong fd00:96::10 53");
+        assert_eq!(
+            client(&cgroup, "tcp", "fd00:96::10", 80),
+            "backend-v6 fd00:96::10 80"
+        );
+        assert_eq!(
+            client(&cgroup, "udp", "fd00:96::10", 53),
+            "pong fd00:96::10 53"
+        );
         assert_eq!(
             client(&cgroup, "udp-connected", "fd00:96::10", 53),
             "pong fd00:96::10 53"
@@ -236,8 +244,14 @@ fn host_sockets_reach_services_and_pods_keep_the_address() {
         // No backend: refused at connect, as kube-proxy's REJECT does.
         assert_eq!(client(&cgroup, "tcp", "10.96.0.11", 80), "refused");
         // A pod (same cgroup, its own namespace) keeps the Service address.
-        assert_eq!(client(&cgroup, "pod", "10.96.0.10", 80), "pod-self 10.96.0.10 80");
-        assert_eq!(client(&cgroup, "pod", "fd00:96::10", 80), "pod-self fd00:96::10 80");
+        assert_eq!(
+            client(&cgroup, "pod", "10.96.0.10", 80),
+            "pod-self 10.96.0.10 80"
+        );
+        assert_eq!(
+            client(&cgroup, "pod", "fd00:96::10", 80),
+            "pod-self fd00:96::10 80"
+        );
 
         let m = t.dp.service_maps().unwrap();
         let flows = |id| m.stats(id).unwrap().map_or(0, |s| s.flows);
@@ -246,10 +260,16 @@ fn host_sockets_reach_services_and_pods_keep_the_address() {
 
         // Again (an agent restart): the same links, nothing new.
         let again = t.dp.attach_host_sockets(&cgroup.0).unwrap();
-        assert_eq!((again.created, again.updated, again.unchanged), (0, 0, PROGRAMS.len()));
+        assert_eq!(
+            (again.created, again.updated, again.unchanged),
+            (0, 0, PROGRAMS.len())
+        );
 
         // Detached: the address is nowhere again.
-        assert_eq!(Datapath::detach_host_sockets(&root).unwrap(), PROGRAMS.len());
+        assert_eq!(
+            Datapath::detach_host_sockets(&root).unwrap(),
+            PROGRAMS.len()
+        );
         assert!(!Datapath::host_sockets_attached(&root));
         assert_eq!(client(&cgroup, "tcp", "10.96.0.10", 80), "error 101");
         assert_eq!(Datapath::detach_host_sockets(&root).unwrap(), 0);
