@@ -81,6 +81,68 @@ impl Table {
     pub fn terminating_backends(&self) -> usize {
         self.frontends.values().map(|w| w.terminating.len()).sum()
     }
+
+    /// Brings Service `key`'s frontends up to date with `view`, when the
+    /// result is the table [`ServiceView::table`] would compute: nothing
+    /// is left out (no Service waits for room), and the Service's new
+    /// frontends fit the limits and are no other Service's. Returns the
+    /// frontends added, changed or removed; `None` (the table untouched)
+    /// when only a whole compile can tell.
+    pub fn update_service(
+        &mut self,
+        view: &ServiceView,
+        key: &ServiceKey,
+        node: &str,
+        limits: &Limits,
+    ) -> Option<BTreeSet<Frontend>> {
+        if !self.left_out.is_empty() {
+            return None;
+        }
+        let (new, left) = match view.services.get(key) {
+            Some(svc) => frontends_of(svc, view.endpoints.get(key), node, view.node_ports),
+            None => (Vec::new(), 0),
+        };
+        let old: BTreeSet<Frontend> = self
+            .frontends
+            .iter()
+            .filter(|(_, w)| &w.service == key)
+            .map(|(fe, _)| *fe)
+            .collect();
+        let count = |w: &Wanted| w.active.len() + w.terminating.len();
+        let old_backends: usize = old.iter().map(|fe| count(&self.frontends[fe])).sum();
+        let new_backends: usize = new.iter().map(|(_, w)| count(w)).sum();
+        let backends = self.active_backends() + self.terminating_backends();
+        let fits = new
+            .iter()
+            .all(|(_, w)| w.active.len() <= limits.max_backends_per_frontend)
+            && self.frontends.len() - old.len() + new.len() <= limits.max_frontends
+            && backends - old_backends + new_backends <= limits.max_backends
+            && new
+                .iter()
+                .all(|(fe, _)| self.frontends.get(fe).is_none_or(|w| &w.service == key));
+        if !fits {
+            return None;
+        }
+        let mut touched = old;
+        for fe in &touched {
+            self.frontends.remove(fe);
+        }
+        if new.is_empty() {
+            self.services.remove(key);
+        } else {
+            self.services.insert(key.clone());
+        }
+        for (fe, w) in new {
+            touched.insert(fe);
+            self.frontends.insert(fe, w);
+        }
+        self.left_to_kube_proxy -= self.unserved.remove(key).unwrap_or(0);
+        self.left_to_kube_proxy += left;
+        if left > 0 {
+            self.unserved.insert(key.clone(), left);
+        }
+        Some(touched)
+    }
 }
 
 /// The Services and Endpoints the watches reported.

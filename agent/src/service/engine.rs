@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use super::compile::Table;
+use super::compile::{Table, Wanted};
 
 /// Frontends, backends and what a frontend holds: the datapath's own
 /// types (`ferrite_datapath::service`), which its maps take as they are.
@@ -237,71 +237,178 @@ impl Engine {
         result
     }
 
-    fn apply<T: ServiceTarget + ?Sized>(
+    /// Makes the maps hold `table` for the frontends in `touched` only
+    /// (those a change could have altered; [`Table::update_service`]
+    /// says which): the same writes, in the same order, as [`Engine::sync`]
+    /// makes for them, without looking at every other frontend.
+    pub fn sync_some<T: ServiceTarget + ?Sized>(
         &mut self,
         table: &Table,
+        touched: &BTreeSet<Frontend>,
         target: &mut T,
     ) -> Result<SyncReport, SyncError<T::Error>> {
-        self.prepare(target)?;
-        let mut report = SyncReport {
+        let result = self.apply_some(table, touched, target);
+        if result.is_err() {
+            self.loaded = false;
+        }
+        result
+    }
+
+    fn report_of(table: &Table) -> SyncReport {
+        SyncReport {
             frontends: table.frontends.len(),
             active_backends: table.active_backends(),
             terminating_backends: table.terminating_backends(),
             left_to_kube_proxy: table.left_to_kube_proxy,
             left_out: table.left_out.len(),
             ..SyncReport::default()
+        }
+    }
+
+    /// The ids and map values `wanted` needs at `fe`: ids it has keep,
+    /// new ones are allocated.
+    fn want<E: std::error::Error + 'static>(
+        &mut self,
+        fe: &Frontend,
+        wanted: &Wanted,
+    ) -> Result<(FrontendState, Vec<(u32, Backend)>), SyncError<E>> {
+        let fid = match self.frontends.get(fe) {
+            Some(st) => st.id,
+            None => self
+                .frontend_ids
+                .alloc()
+                .ok_or(SyncError::NoId("frontend"))?,
         };
+        let mut slots = Vec::with_capacity(wanted.active.len());
+        let mut backends = Vec::with_capacity(wanted.active.len() + wanted.terminating.len());
+        let all = wanted
+            .active
+            .iter()
+            .map(|b| (b, false))
+            .chain(wanted.terminating.iter().map(|b| (b, true)));
+        for ((addr, port), terminating) in all {
+            let key = (fid, *addr, *port);
+            let id = match self.by_key.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = self.backend_ids.alloc().ok_or(SyncError::NoId("backend"))?;
+                    self.by_key.insert(key, id);
+                    id
+                }
+            };
+            backends.push((
+                id,
+                Backend {
+                    frontend: fid,
+                    addr: *addr,
+                    port: *port,
+                    terminating,
+                },
+            ));
+            if !terminating {
+                slots.push(id);
+            }
+        }
+        let st = FrontendState {
+            id: fid,
+            backends: slots,
+            affinity_timeout: wanted.affinity,
+            source_nat: wanted.source_nat,
+        };
+        Ok((st, backends))
+    }
+
+    /// Removes backend `id` from the maps and the engine's books.
+    fn drop_backend<T: ServiceTarget + ?Sized>(
+        &mut self,
+        id: u32,
+        target: &mut T,
+    ) -> Result<(), SyncError<T::Error>> {
+        target.remove_backend(id).map_err(SyncError::Target)?;
+        if let Some(b) = self.backends.remove(&id) {
+            let key = (b.frontend, b.addr, b.port);
+            if self.by_key.get(&key) == Some(&id) {
+                self.by_key.remove(&key);
+            }
+        }
+        self.backend_ids.release(id);
+        Ok(())
+    }
+
+    fn apply_some<T: ServiceTarget + ?Sized>(
+        &mut self,
+        table: &Table,
+        touched: &BTreeSet<Frontend>,
+        target: &mut T,
+    ) -> Result<SyncReport, SyncError<T::Error>> {
+        self.prepare(target)?;
+        let mut report = Self::report_of(table);
+        for fe in touched {
+            let had = self.frontends.get(fe).map(|st| st.id);
+            let mut keep = BTreeSet::new();
+            match table.frontends.get(fe) {
+                Some(wanted) => {
+                    let (st, backends) = self.want(fe, wanted)?;
+                    for (id, b) in backends {
+                        keep.insert(id);
+                        if self.backends.get(&id) != Some(&b) {
+                            target.set_backend(id, &b).map_err(SyncError::Target)?;
+                            self.backends.insert(id, b);
+                            report.writes += 1;
+                        }
+                    }
+                    if self.frontends.get(fe) != Some(&st) {
+                        target.set_frontend(fe, &st).map_err(SyncError::Target)?;
+                        self.frontends.insert(*fe, st);
+                        report.writes += 1;
+                        report.changed += 1;
+                    }
+                }
+                None => {
+                    if let Some(st) = self.frontends.remove(fe) {
+                        if let Err(e) = target.remove_frontend(fe, &st) {
+                            self.frontends.insert(*fe, st);
+                            return Err(SyncError::Target(e));
+                        }
+                        self.frontend_ids.release(st.id);
+                        report.writes += 1;
+                        report.changed += 1;
+                    }
+                }
+            }
+            // The frontend's backends it no longer has.
+            if let Some(fid) = had {
+                let unused: Vec<u32> = self
+                    .backends
+                    .iter()
+                    .filter(|(id, b)| b.frontend == fid && !keep.contains(*id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in unused {
+                    self.drop_backend(id, target)?;
+                    report.writes += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn apply<T: ServiceTarget + ?Sized>(
+        &mut self,
+        table: &Table,
+        target: &mut T,
+    ) -> Result<SyncReport, SyncError<T::Error>> {
+        self.prepare(target)?;
+        let mut report = Self::report_of(table);
 
         // Every id the table needs, allocated while everything the maps
         // hold still holds its id.
         let mut want_frontends: Vec<(Frontend, FrontendState)> = Vec::new();
         let mut want_backends: BTreeMap<u32, Backend> = BTreeMap::new();
         for (fe, wanted) in &table.frontends {
-            let fid = match self.frontends.get(fe) {
-                Some(st) => st.id,
-                None => self
-                    .frontend_ids
-                    .alloc()
-                    .ok_or(SyncError::NoId("frontend"))?,
-            };
-            let mut slots = Vec::with_capacity(wanted.active.len());
-            let all = wanted
-                .active
-                .iter()
-                .map(|b| (b, false))
-                .chain(wanted.terminating.iter().map(|b| (b, true)));
-            for ((addr, port), terminating) in all {
-                let key = (fid, *addr, *port);
-                let id = match self.by_key.get(&key) {
-                    Some(id) => *id,
-                    None => {
-                        let id = self.backend_ids.alloc().ok_or(SyncError::NoId("backend"))?;
-                        self.by_key.insert(key, id);
-                        id
-                    }
-                };
-                want_backends.insert(
-                    id,
-                    Backend {
-                        frontend: fid,
-                        addr: *addr,
-                        port: *port,
-                        terminating,
-                    },
-                );
-                if !terminating {
-                    slots.push(id);
-                }
-            }
-            want_frontends.push((
-                *fe,
-                FrontendState {
-                    id: fid,
-                    backends: slots,
-                    affinity_timeout: wanted.affinity,
-                    source_nat: wanted.source_nat,
-                },
-            ));
+            let (st, backends) = self.want(fe, wanted)?;
+            want_backends.extend(backends);
+            want_frontends.push((*fe, st));
         }
 
         // 1. Backends new or changed, before a frontend names them.
@@ -345,14 +452,7 @@ impl Engine {
             .copied()
             .collect();
         for id in unused {
-            target.remove_backend(id).map_err(SyncError::Target)?;
-            if let Some(b) = self.backends.remove(&id) {
-                let key = (b.frontend, b.addr, b.port);
-                if self.by_key.get(&key) == Some(&id) {
-                    self.by_key.remove(&key);
-                }
-            }
-            self.backend_ids.release(id);
+            self.drop_backend(id, target)?;
             report.writes += 1;
         }
         Ok(report)

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::compile::{Limits, ServiceKey, ServiceView};
+use super::compile::{Limits, ServiceKey, ServiceView, Table};
 use super::engine::{Engine, Frontend, ServiceTarget, SyncReport};
 use super::watch::{Delta, Update};
 use crate::deltas::apply_delta;
@@ -57,6 +57,14 @@ pub struct ServiceLoop<T> {
     left_out: BTreeMap<ServiceKey, String>,
     /// Services with frontends ferrite does not serve, at the last sync.
     unserved: BTreeMap<ServiceKey, usize>,
+    /// The table the maps hold (after the last sync that succeeded).
+    table: Option<Table>,
+    /// Services whose Service or Endpoints changed since the last sync.
+    touched: BTreeSet<ServiceKey>,
+    /// A whole list arrived since the last sync: compile everything.
+    relisted: bool,
+    /// Syncs that compiled only the Services that changed.
+    incremental_syncs: u64,
 }
 
 impl<T: ServiceTarget> ServiceLoop<T> {
@@ -77,6 +85,10 @@ impl<T: ServiceTarget> ServiceLoop<T> {
             target: None,
             left_out: BTreeMap::new(),
             unserved: BTreeMap::new(),
+            table: None,
+            touched: BTreeSet::new(),
+            relisted: false,
+            incremental_syncs: 0,
         }
     }
 
@@ -84,6 +96,13 @@ impl<T: ServiceTarget> ServiceLoop<T> {
     /// view.
     pub fn apply(&mut self, update: Update, arrived: Instant) {
         let key = |ns: String, name: String| (ns, name);
+        let touched = match &update {
+            Update::Services(Delta::Applied(s)) => Some((s.namespace.clone(), s.name.clone())),
+            Update::Endpoints(Delta::Applied(e)) => Some((e.namespace.clone(), e.name.clone())),
+            Update::Services(Delta::Deleted(ns, name))
+            | Update::Endpoints(Delta::Deleted(ns, name)) => Some((ns.clone(), name.clone())),
+            Update::Services(Delta::Listed(_)) | Update::Endpoints(Delta::Listed(_)) => None,
+        };
         let changed = match update {
             Update::Services(d) => {
                 self.listed[0] |= matches!(d, Delta::Listed(_));
@@ -107,6 +126,12 @@ impl<T: ServiceTarget> ServiceLoop<T> {
         if changed {
             self.dirty = true;
             self.changed_since.get_or_insert(arrived);
+            match touched {
+                Some(k) => {
+                    self.touched.insert(k);
+                }
+                None => self.relisted = true,
+            }
         }
     }
 
@@ -156,14 +181,46 @@ impl<T: ServiceTarget> ServiceLoop<T> {
         let started = Instant::now();
         let target = self.target.as_mut().expect("opened above");
         self.engine.prepare(target)?;
-        let first = self.programmed();
-        let table = self
-            .view
-            .table(&self.settings.node_name, &self.settings.limits, &first);
+        // A change to a few Services touches only their frontends; a
+        // forced sync, a new list or a table with Services waiting for
+        // room is compiled whole.
+        let mut incremental = None;
+        if !force && !self.relisted {
+            if let Some(mut table) = self.table.take() {
+                let (node, limits) = (&self.settings.node_name, &self.settings.limits);
+                let mut frontends = BTreeSet::new();
+                let all = self.touched.iter().all(|key| {
+                    table
+                        .update_service(&self.view, key, node, limits)
+                        .map(|t| frontends.extend(t))
+                        .is_some()
+                });
+                if all {
+                    incremental = Some((table, frontends));
+                }
+            }
+        }
         let target = self.target.as_mut().expect("opened above");
-        let report = self.engine.sync(&table, target)?;
+        let (table, report) = match incremental {
+            Some((table, frontends)) => {
+                let report = self.engine.sync_some(&table, &frontends, target)?;
+                self.incremental_syncs += 1;
+                (table, report)
+            }
+            None => {
+                let first = self.programmed();
+                let table =
+                    self.view
+                        .table(&self.settings.node_name, &self.settings.limits, &first);
+                let target = self.target.as_mut().expect("opened above");
+                let report = self.engine.sync(&table, target)?;
+                (table, report)
+            }
+        };
         let took = started.elapsed();
         self.dirty = false;
+        self.touched.clear();
+        self.relisted = false;
 
         // Without kube-proxy nothing else serves what ferrite leaves.
         let fate = if self.settings.node_ports {
@@ -187,8 +244,9 @@ impl<T: ServiceTarget> ServiceLoop<T> {
                 }
             }
         }
-        self.left_out = table.left_out;
-        self.unserved = table.unserved;
+        self.left_out = table.left_out.clone();
+        self.unserved = table.unserved.clone();
+        self.table = Some(table);
         self.report(&report, took);
         Ok(true)
     }
@@ -569,5 +627,95 @@ mod tests {
         );
         assert_eq!(slots(&fake, &web()), [ip("10.0.1.2"), ip("10.0.1.3")]);
         fake.assert_consistent();
+    }
+
+    /// Random changes to 12 Services (cluster IPs from a pool, so two
+    /// Services sometimes claim one frontend; backends from a pool of six;
+    /// deletions of either kind), synced after every batch of one to
+    /// three: the table the loop keeps, and the maps, are always what a
+    /// whole compile gives, with limits that bind (Services left out, so
+    /// mostly whole compiles) and with none (mostly incremental).
+    #[test]
+    fn incremental_syncs_end_where_a_whole_compile_does() {
+        // (limits, cluster IPs to pick from, incremental syncs at least)
+        for (limits, ips, at_least) in [
+            (Limits::default(), 250, 200),
+            (
+                Limits {
+                    max_frontends: 8,
+                    max_backends: 20,
+                    max_backends_per_frontend: 4,
+                },
+                16,
+                0,
+            ),
+        ] {
+            let fake = Fake::default();
+            let mut sl = looping(&fake);
+            sl.settings.limits = limits;
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            let mut rand = |n: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % n
+            };
+            let addrs = [
+                "10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5", "10.0.1.6",
+            ];
+            sl.apply(Update::Services(Delta::Listed(vec![])), Instant::now());
+            sl.apply(Update::Endpoints(Delta::Listed(vec![])), Instant::now());
+            sl.sync(false).unwrap();
+            for round in 0..400 {
+                for _ in 0..=rand(3) {
+                    let name = format!("s{}", rand(12));
+                    let u = match rand(5) {
+                        0 | 1 => Update::Services(Delta::Applied(svc(
+                            &name,
+                            &format!("10.96.0.{}", 1 + rand(ips)),
+                        ))),
+                        2 | 3 => {
+                            let ready: Vec<&str> =
+                                addrs.iter().copied().filter(|_| rand(2) == 0).collect();
+                            Update::Endpoints(Delta::Applied(eps(&name, &ready)))
+                        }
+                        _ if rand(2) == 0 => Update::Services(Delta::Deleted("x".into(), name)),
+                        _ => Update::Endpoints(Delta::Deleted("x".into(), name)),
+                    };
+                    sl.apply(u, Instant::now());
+                }
+                // Who keeps its room when Services compete: those the maps
+                // held before this sync.
+                let first = sl.programmed();
+                sl.sync(false).unwrap();
+                let whole = sl.view.table("n1", &sl.settings.limits, &first);
+                assert_eq!(sl.table.as_ref(), Some(&whole), "round {round}");
+                fake.assert_consistent();
+                let m = fake.maps();
+                let held: BTreeMap<Frontend, Vec<IpAddr>> = m
+                    .frontends
+                    .iter()
+                    .map(|(fe, st)| {
+                        (
+                            *fe,
+                            st.backends.iter().map(|id| m.backends[id].addr).collect(),
+                        )
+                    })
+                    .collect();
+                let want: BTreeMap<Frontend, Vec<IpAddr>> = whole
+                    .frontends
+                    .iter()
+                    .map(|(fe, w)| (*fe, w.active.iter().map(|(a, _)| *a).collect()))
+                    .collect();
+                assert_eq!(held, want, "round {round}: the maps");
+                assert_eq!(
+                    m.backends.len(),
+                    whole.active_backends() + whole.terminating_backends(),
+                    "round {round}: no backend left behind"
+                );
+            }
+            let n = sl.incremental_syncs;
+            assert!(n >= at_least, "{limits:?}: {n} incremental syncs of 400");
+        }
     }
 }
