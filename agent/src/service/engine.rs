@@ -167,6 +167,9 @@ impl IdPool {
     }
 }
 
+/// A frontend's map value and its backends' (id, value).
+type FrontendWrites = (FrontendState, Vec<(u32, Backend)>);
+
 /// The engine: what it believes the maps hold, and the ids it handed out.
 #[derive(Debug, Default)]
 pub struct Engine {
@@ -271,7 +274,7 @@ impl Engine {
         &mut self,
         fe: &Frontend,
         wanted: &Wanted,
-    ) -> Result<(FrontendState, Vec<(u32, Backend)>), SyncError<E>> {
+    ) -> Result<FrontendWrites, SyncError<E>> {
         let fid = match self.frontends.get(fe) {
             Some(st) => st.id,
             None => self
