@@ -13,14 +13,25 @@ is on node1 ("same node") or on node2 ("cross node"):
   - new connections per second (connect, one byte each way, close:
     probe conns), with 1, 1,000 and 5,000 Services present (each with an
     endpoint, so kube-proxy writes their chains);
-and, ferrite only: the time from an endpoint change in the API (a label
-that puts a pod in or out of a Service's selector) to the backend in
-node1's maps, p50 and p99; the agent's memory and CPU with 5,000 Services.
+and, ferrite only: the time from an endpoint change in the API to the
+backend in node1's maps, p50 and p99, two ways: an Endpoints object
+written directly (a Service without a selector: the API change itself),
+and a label that puts a pod in or out of a Service's selector (the
+endpoints controller's reaction included). Each change is one request on a
+kept-open HTTPS connection to the API server, timed from just before it is
+sent to the frontend's backend count changing in node1's ferrite_svc map,
+read with bpf(2) every 0.2 ms. And the agent's memory and CPU with 5,000
+Services.
 Never asserts: numbers for people, written to OUT/services.json and .md.
 """
+import ctypes
+import http.client
+import ipaddress
 import json
 import os
+import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -37,6 +48,65 @@ FILLER_BATCH = 500
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
+
+
+LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+CLONE_NEWNET = 0x40000000
+SYS_BPF = 321  # x86_64
+BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET = 1, 7
+
+
+class Api:
+    """A kept-open HTTPS connection to the API server (made inside the
+    control plane's network namespace), as admin."""
+
+    def __init__(self, c: harness.Cluster):
+        ctx = ssl.create_default_context(cafile=str(c.dir / "pki/ca.crt"))
+        ctx.load_cert_chain(str(c.dir / "pki/admin.crt"), str(c.dir / "pki/admin.key"))
+        self.conn = http.client.HTTPSConnection(c.cp_ip, 6443, context=ctx, timeout=10)
+        here = os.open("/proc/self/ns/net", os.O_RDONLY)
+        there = os.open(f"/run/netns/{c.prefix}-cp", os.O_RDONLY)
+        try:
+            if LIBC.setns(there, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the control plane")
+            self.conn.connect()
+        finally:
+            LIBC.setns(here, CLONE_NEWNET)
+            os.close(here)
+            os.close(there)
+
+    def patch(self, path: str, body: dict):
+        self.conn.request("PATCH", path, json.dumps(body), {"Content-Type": "application/merge-patch+json"})
+        r = self.conn.getresponse()
+        data = r.read()
+        if r.status >= 300:
+            raise harness.ClusterError(f"PATCH {path}: {r.status} {data[:300]!r}")
+
+
+class SvcMap:
+    """node1's ferrite_svc map, opened through a node1 process's root."""
+
+    def __init__(self, c: harness.Cluster, node: str):
+        pid = c.daemon_pid(f"kubelet-{node}")
+        path = f"/proc/{pid}/root/sys/fs/bpf/ferrite/state-1/ferrite_svc".encode()
+        self.path = ctypes.create_string_buffer(path)
+        attr = struct.pack("QIIi", ctypes.addressof(self.path), 0, 0, 0) + b"\0" * 16
+        buf = ctypes.create_string_buffer(attr, len(attr))
+        self.fd = LIBC.syscall(SYS_BPF, BPF_OBJ_GET, buf, len(attr))
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), f"BPF_OBJ_GET {path.decode()}")
+        self.value = ctypes.create_string_buffer(16)
+
+    def backends(self, vip: str, port: int) -> int:
+        """The frontend's active backends (svc_value.count), -1 if absent."""
+        addr = ipaddress.ip_address(vip)
+        a16 = (b"\0" * 10 + b"\xff\xff" + addr.packed) if addr.version == 4 else addr.packed
+        key = ctypes.create_string_buffer(a16 + struct.pack("!H", port) + bytes([6, 0]), 20)
+        attr = struct.pack("IIQQQ", self.fd, 0, ctypes.addressof(key), ctypes.addressof(self.value), 0)
+        buf = ctypes.create_string_buffer(attr, len(attr))
+        if LIBC.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, buf, len(attr)) != 0:
+            return -1
+        return struct.unpack_from("II", self.value.raw)[1]
 
 
 def pct(xs, p):
@@ -64,11 +134,15 @@ class Bench:
         # Endpoint churn: a Service whose selector a label puts "chg" in and out of.
         objs.append(harness.pod_manifest("chg", NS, node=self.n2, labels={"app": "chg"}, command=servers))
         objs.append(harness.service_manifest("churn", NS, {"app": "chg", "in": "yes"}, port=80, target=9003))
+        # And one without a selector, whose Endpoints the bench writes itself.
+        manual = harness.service_manifest("manual", NS, {}, port=80, target=9003)
+        del manual["spec"]["selector"]
+        objs.append(manual)
         c.apply(*objs)
         c.wait_pods_ready(NS, ["client", "srv-same", "srv-cross", "chg"], timeout=180)
         self.client = next(p for p in c.pods(NS) if p.name == "client")
         self.vip = {s: c.get("service", s, namespace=NS)["spec"]["clusterIP"]
-                    for s in ("srv-same-rr", "srv-same-sink", "srv-cross-rr", "srv-cross-sink", "churn")}
+                    for s in ("srv-same-rr", "srv-same-sink", "srv-cross-rr", "srv-cross-sink", "churn", "manual")}
 
     def fillers(self, n: int):
         """Exactly n filler Services (each with srv-cross as its endpoint)."""
@@ -143,28 +217,45 @@ class Bench:
         return {"per_s": statistics.median(float(r[1]) for r in runs), "failed": sum(int(r[2]) for r in runs)}
 
     def churn(self, changes: int):
-        """Label flips of chg: the time from the patch to node1's maps
-        holding (or no longer holding) it as a backend of churn."""
-        c, vip = self.c, self.vip["churn"]
+        """Endpoint changes, each timed from its request to node1's maps:
+        the manual Service's Endpoints written directly, then chg's label
+        flipped (the endpoints controller writes the churn Service's)."""
+        c = self.c
         chg_ip = next(p for p in c.pods(NS) if p.name == "chg").ip
-        lat = []
+        api, svc = Api(c), SvcMap(c, self.n1)
+        c.apply({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "manual", "namespace": NS},
+                 "subsets": []})
+        harness.wait_for("the manual Service in node1's maps", 30,
+                         lambda: svc.backends(self.vip["manual"], 80) == 0, interval=0.05)
 
-        def backends() -> int:
-            out = self.view()
-            line = next((ln for ln in out.splitlines() if ln.startswith(f"{vip}:80/tcp ")), "")
-            return int(line.split(": ", 1)[1].split()[0]) if line else -1
+        def timed(vip: str, want: int, send) -> float:
+            t0 = time.monotonic()
+            send()
+            deadline = t0 + 30
+            while svc.backends(vip, 80) != want:
+                if time.monotonic() > deadline:
+                    raise harness.ClusterError(f"{vip}: {want} backends not in node1's maps after 30 s")
+                time.sleep(0.0002)
+            return (time.monotonic() - t0) * 1000
 
+        direct, label = [], []
         for i in range(changes):
             want = 1 if i % 2 == 0 else 0
-            t0 = time.monotonic()
-            c.kubectl("-n", NS, "label", "pod", "chg", f"in={'yes' if want else 'no'}", "--overwrite")
-            harness.wait_for(f"churn with {want} backends", 30, lambda: backends() == want, interval=0.005)
-            lat.append((time.monotonic() - t0) * 1000)
+            subsets = [{"addresses": [{"ip": chg_ip}], "ports": [{"port": 9003, "protocol": "TCP"}]}] if want else []
+            direct.append(timed(self.vip["manual"], want, lambda: api.patch(
+                f"/api/v1/namespaces/{NS}/endpoints/manual", {"subsets": subsets})))
+            time.sleep(0.05)
+        for i in range(changes):
+            want = 1 if i % 2 == 0 else 0
+            label.append(timed(self.vip["churn"], want, lambda: api.patch(
+                f"/api/v1/namespaces/{NS}/pods/chg", {"metadata": {"labels": {"in": "yes" if want else "no"}}})))
+            time.sleep(0.05)
         m = c.metrics(self.n1)
         v = {x.split()[0]: x.split()[-1] for x in m.splitlines() if x and not x.startswith("#")}
         events = int(float(v.get("ferrite_services_event_to_datapath_seconds_count", "0")))
         total = float(v.get("ferrite_services_event_to_datapath_seconds_sum", "0"))
-        return {"changes": changes, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "ms": lat,
+        return {"changes": changes, "p50_ms": pct(direct, 50), "p99_ms": pct(direct, 99), "ms": direct,
+                "label_p50_ms": pct(label, 50), "label_p99_ms": pct(label, 99), "label_ms": label,
                 "backend": chg_ip, "agent_events": events, "agent_mean_ms": 1000 * total / max(events, 1)}
 
     def agent_footprint(self, seconds: int = 30):
@@ -217,7 +308,14 @@ New connections per second (connect, one byte each way, close), cross node:
 |---|---|---|---|
 {chr(10).join(rows)}
 
-Endpoint change to node1's maps (ferrite, {ch.get('changes', 0)} label flips, from the start of `kubectl label` (its own start included) to `ferrite services` on node1 showing the change, polled): p50 {ch.get('p50_ms') or 0:.1f} ms, p99 {ch.get('p99_ms') or 0:.1f} ms. Of that, the agent's own part (the watch event reaching it to the maps written, ferrite_services_event_to_datapath_seconds): mean {ch.get('agent_mean_ms') or 0:.2f} ms over {ch.get('agent_events') or 0} events.
+Endpoint change to node1's maps (ferrite, with {max(int(k) for k in r['by_services'])} Services present; each change one request on a kept-open HTTPS connection to the API server, timed from just before it is sent to the frontend's backend count changing in node1's ferrite_svc map, read every 0.2 ms):
+
+| change | changes | p50 | p99 |
+|---|---|---|---|
+| an Endpoints object written (a Service without a selector) | {ch.get('changes', 0)} | {ch.get('p50_ms') or 0:.1f} ms | {ch.get('p99_ms') or 0:.1f} ms |
+| a pod's label put in or out of a selector (the endpoints controller between) | {ch.get('changes', 0)} | {ch.get('label_p50_ms') or 0:.1f} ms | {ch.get('label_p99_ms') or 0:.1f} ms |
+
+Of that, the agent's own part (the watch event reaching it to the maps written, ferrite_services_event_to_datapath_seconds): mean {ch.get('agent_mean_ms') or 0:.2f} ms over {ch.get('agent_events') or 0} events.
 
 The agent on node1 with {max(int(k) for k in r['by_services'])} Services: RSS {fp.get('rss_mib', 0):.1f} MiB, CPU at rest {fp.get('cpu_ms_per_30s', 0):.1f} ms per 30 s; from its start to every Service programmed it used {r.get('program_cpu_ms', 0):.0f} ms of CPU.
 """
@@ -260,7 +358,7 @@ def services_bench(a, machine: dict):
                 r["program_cpu_ms"] = sum(int(t.read_text().split()[0])
                                           for t in Path(f"/proc/{pid}").glob("task/*/schedstat")) / 1e6
                 r["footprint"] = b.agent_footprint()
-        r["churn"] = b.churn(4 if a.quick else 40)
+        r["churn"] = b.churn(4 if a.quick else 100)
     finally:
         subprocess.run([str(ROOT / "scripts/cluster"), "down"], check=False)
     write(r, a.out)
