@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::process::ExitCode;
 
 use crate::error::{CniError, Code};
 use crate::plugin;
@@ -13,7 +12,7 @@ use crate::version;
 
 /// The CNI protocol: the only thing written to stdout is the result or the
 /// error JSON.
-pub fn run() -> ExitCode {
+pub fn run() -> u8 {
     let env: HashMap<String, String> = std::env::vars().collect();
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
@@ -27,12 +26,12 @@ pub fn run() -> ExitCode {
     emit(&out)
 }
 
-fn emit(out: &plugin::Output) -> ExitCode {
+fn emit(out: &plugin::Output) -> u8 {
     if let Some(v) = &out.stdout {
         let mut stdout = std::io::stdout().lock();
         let _ = serde_json::to_writer(&mut stdout, v);
         let _ = stdout.write_all(b"\n");
         let _ = stdout.flush();
     }
-    ExitCode::from(out.exit)
+    out.exit
 }
