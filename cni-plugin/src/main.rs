@@ -30,6 +30,7 @@ mod fuzz;
 mod logging;
 mod naming;
 mod netlink;
+mod netns;
 mod plugin;
 mod policy_view;
 mod repair;

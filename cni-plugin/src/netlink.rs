@@ -78,11 +78,14 @@ impl Netlink {
         })
     }
 
-    /// A socket inside the network namespace `netns` (opened on a
-    /// short-lived thread: the caller's thread never changes namespace).
+    /// A socket inside the network namespace `netns`, made from inside it
+    /// on the calling thread, which then comes back (`netns::within`).
     pub fn in_netns(netns: BorrowedFd<'_>) -> Result<Self> {
-        Ok(Self {
-            nl: ferrite_netlink::route::open_in_netns(netns)?,
+        crate::netns::within(netns, Self::new).unwrap_or_else(|source| {
+            Err(NetlinkError::Socket {
+                call: "setns(CLONE_NEWNET)",
+                source,
+            })
         })
     }
 

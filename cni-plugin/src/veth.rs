@@ -246,29 +246,21 @@ fn host_ipv6_off(host_name: &str) -> CniResult<()> {
 
 /// IPv6 on the pod's interface, usable at once: enabled, and without
 /// duplicate address detection (ferrite's IPAM already guarantees the
-/// address is unique). Written inside the pod's namespace, on a thread that
-/// entered it: /proc/sys/net belongs to the namespace of whoever opens it,
-/// so the node's own settings are never touched.
+/// address is unique). Written from inside the pod's namespace
+/// (`netns::within`): /proc/sys/net belongs to the namespace of whoever
+/// opens it, so the node's own settings are never touched.
 fn pod_ipv6_sysctls(netns: &File, ifname: &str) -> CniResult<()> {
-    let fd = netns.as_raw_fd();
-    std::thread::scope(|s| {
-        s.spawn(move || -> CniResult<()> {
-            // SAFETY: setns on this short-lived thread only.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                return Err(CniError::new(Code::Kernel, "setns into the pod failed")
-                    .with_details(std::io::Error::last_os_error()));
-            }
-            for (key, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
-                let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
-                std::fs::write(&path, value).map_err(|e| {
-                    CniError::new(Code::Kernel, format!("cannot set {path} in the pod"))
-                        .with_details(e)
-                })?;
-            }
-            Ok(())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(CniError::new(Code::Kernel, "sysctl thread panicked")))
+    crate::netns::within(netns.as_fd(), || -> CniResult<()> {
+        for (key, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
+            let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+            std::fs::write(&path, value).map_err(|e| {
+                CniError::new(Code::Kernel, format!("cannot set {path} in the pod")).with_details(e)
+            })?;
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| {
+        Err(CniError::new(Code::Kernel, "cannot enter the pod's namespace").with_details(e))
     })
 }
 
@@ -377,8 +369,8 @@ pub fn reap(mut nl: Netlink, links: Vec<Link>) {
     if links.is_empty() {
         return;
     }
-    // SAFETY: the plugin is single-threaded here (the namespace thread has
-    // been joined); the child only makes netlink requests and _exits.
+    // SAFETY: the plugin is single-threaded (it starts no threads); the
+    // child only makes netlink requests and _exits.
     match unsafe { libc::fork() } {
         0 => {
             // SAFETY: plain syscalls on fds this process owns.
