@@ -4,17 +4,26 @@
 //! result or error JSON to stdout.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::io::{Read, Write};
 
 use crate::error::{CniError, Code};
 use crate::plugin;
 use crate::version;
 
+/// What stdin is first read into; a larger configuration grows it.
+const STDIN_START: usize = 16 * 1024;
+
 /// The CNI protocol: the only thing written to stdout is the result or the
 /// error JSON.
 pub fn run() -> u8 {
-    let env: HashMap<String, String> = std::env::vars().collect();
-    let mut stdin = Vec::new();
+    // A fixed hasher: the runtime's own environment needs no protection
+    // from collisions, and a random one costs a getrandom call.
+    let env: HashMap<String, String, BuildHasherDefault<DefaultHasher>> =
+        std::env::vars().collect();
+    // Room for any network configuration in one read (the default start
+    // of 32 bytes read it 32, 32, 64, 128... bytes at a time).
+    let mut stdin = Vec::with_capacity(STDIN_START);
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         let err = CniError::new(Code::Io, "cannot read stdin").with_details(e);
         return emit(&plugin::Output {

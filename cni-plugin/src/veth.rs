@@ -74,8 +74,7 @@ pub fn create(
         mtu,
         ..
     } = *spec;
-    let host_mac = naming::random_mac();
-    let pod_mac = naming::random_mac();
+    let [host_mac, pod_mac] = naming::random_macs::<2>();
     let host = VethEnd {
         name: host_name,
         mtu,
