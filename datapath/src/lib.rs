@@ -264,7 +264,6 @@ impl Datapath {
                 endpoints,
                 ifaces: must(pin::IFACES_MAP)?,
                 stats: must(pin::STATS_MAP)?,
-                stackflow: must(pin::STACKFLOW_MAP)?,
             },
             version_dir,
         }))
@@ -508,7 +507,8 @@ impl Datapath {
 
     /// How many flows the host stack delivered are remembered (`ferrite_stkflow`).
     pub fn stack_flows(&self) -> Result<usize, DatapathError> {
-        Ok(self.maps.stack_flows()?)
+        let map = self.open_pin(pin::STACKFLOW_MAP)?;
+        Ok(maps::stack_flows(map.as_fd())?)
     }
 
     /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN`, as if it
