@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::error::{CniError, CniResult, Code};
 use crate::naming::{self, gateway_for};
-use crate::netlink::{Link, Netlink, NetlinkError, RouteSpec, VethEnd};
+use crate::netlink::{Link, Netlink, NetlinkError, Req, RouteSpec, VethEnd};
 
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
@@ -148,34 +148,50 @@ fn configure(
     pod_mac: [u8; 6],
 ) -> CniResult<()> {
     let (ifname, ips) = (spec.ifname, spec.ips);
-    let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
     if !ips.iter().any(IpAddr::is_ipv6) {
         host_ipv6_off(&host.name)?;
     }
-    host_nl
-        .link_set_up(host.index, Some(spec.alias))
-        .map_err(k("cannot set the host veth up"))?;
-
-    // Pod side: lo up, address, eth0 up, gateway neighbour, default route.
-    pod_nl
-        .link_set_up(1, None)
-        .map_err(k("cannot set lo up in the pod"))?;
-    let pod = pod_nl
-        .link_get(ifname)
-        .map_err(k("cannot look up the pod interface"))?
-        .ok_or_else(|| CniError::new(Code::Kernel, format!("{ifname} missing in the pod")))?;
+    // The pod end's index, as the host end reports its peer (IFLA_LINK):
+    // no lookup in the pod needed.
+    let pod_index = match host.peer_index {
+        Some(index) => index,
+        None => {
+            pod_nl
+                .link_get(ifname)
+                .map_err(|e| kernel_error("cannot look up the pod interface", &e))?
+                .ok_or_else(|| CniError::new(Code::Kernel, format!("{ifname} missing in the pod")))?
+                .index
+        }
+    };
     if ips.iter().any(IpAddr::is_ipv6) {
         pod_ipv6_sysctls(netns, ifname)?;
     }
+
+    // Host side: up, a route to each pod address, and its neighbour entry
+    // so the host never has to ARP for the pod. One datagram, one answer.
+    let mut host_side = vec![Req::link_set_up(host.index, Some(spec.alias))];
     for ip in ips {
         let len = if ip.is_ipv4() { 32 } else { 128 };
-        pod_nl
-            .addr_add(pod.index, *ip, len)
-            .map_err(k("cannot add the pod address"))?;
+        host_side.push(Req::route_add(&RouteSpec {
+            destination: *ip,
+            prefix_len: len,
+            gateway: None,
+            oif: host.index,
+        }));
+        host_side.push(Req::neigh_add_permanent(host.index, *ip, pod_mac));
     }
-    pod_nl
-        .link_set_up(pod.index, None)
-        .map_err(k("cannot set the pod interface up"))?;
+    host_nl
+        .apply(host_side)
+        .map_err(|e| kernel_error("cannot configure the host veth", &e))?;
+
+    // Pod side: lo up, address, eth0 up, gateway neighbour, default route,
+    // in this order (the route needs the device up), in one datagram.
+    let mut pod_side = vec![Req::link_set_up(1, None)];
+    for ip in ips {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        pod_side.push(Req::addr_add(pod_index, *ip, len));
+    }
+    pod_side.push(Req::link_set_up(pod_index, None));
     let mut families: Vec<IpAddr> = Vec::new();
     for ip in ips {
         let gw = gateway_for(*ip);
@@ -183,41 +199,22 @@ fn configure(
             continue;
         }
         families.push(gw);
-        pod_nl
-            .neigh_add_permanent(pod.index, gw, host.mac)
-            .map_err(k("cannot add the gateway neighbour in the pod"))?;
+        pod_side.push(Req::neigh_add_permanent(pod_index, gw, host.mac));
         let any = if ip.is_ipv4() {
             IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
         } else {
             IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
         };
-        pod_nl
-            .route_add(&RouteSpec {
-                destination: any,
-                prefix_len: 0,
-                gateway: Some(gw),
-                oif: pod.index,
-            })
-            .map_err(k("cannot add the default route in the pod"))?;
+        pod_side.push(Req::route_add(&RouteSpec {
+            destination: any,
+            prefix_len: 0,
+            gateway: Some(gw),
+            oif: pod_index,
+        }));
     }
-
-    // Host side: a route to each pod address, and its neighbour entry so the
-    // host never has to ARP for the pod.
-    for ip in ips {
-        let len = if ip.is_ipv4() { 32 } else { 128 };
-        host_nl
-            .route_add(&RouteSpec {
-                destination: *ip,
-                prefix_len: len,
-                gateway: None,
-                oif: host.index,
-            })
-            .map_err(k("cannot add the host route to the pod"))?;
-        host_nl
-            .neigh_add_permanent(host.index, *ip, pod_mac)
-            .map_err(k("cannot add the pod's neighbour entry on the host"))?;
-    }
-    Ok(())
+    pod_nl
+        .apply(pod_side)
+        .map_err(|e| kernel_error("cannot configure the pod interface", &e))
 }
 
 /// IPv6 off on the host veth of a pod without IPv6, before it goes up.

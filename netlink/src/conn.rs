@@ -346,6 +346,22 @@ impl<M> Batch<M> {
         self.requests.is_empty()
     }
 
+    /// Asks for an ack from the last request only. The kernel handles the
+    /// requests of one datagram in order and answers a request without
+    /// NLM_F_ACK only when it refuses it, so every refusal is queued before
+    /// the last request's answer: [`Netlink::batch`] still sees each one,
+    /// and a batch that succeeds takes one receive instead of one per
+    /// request. (A refused request does not stop the kernel from handling
+    /// the ones after it; callers that undo the whole batch on an error,
+    /// as ADD does by deleting the veth, do not mind.)
+    pub fn ack_last_only(&mut self) -> &mut Self {
+        let n = self.requests.len();
+        for (i, r) in self.requests.iter_mut().enumerate() {
+            r.ack = i + 1 == n;
+        }
+        self
+    }
+
     /// The requests' bytes as one datagram, numbered from `first_seq`, and
     /// (sequence number, name) of each that asks for an ack: what
     /// [`Netlink::batch`] sends, and what tests compare with captures.
