@@ -109,14 +109,16 @@ impl Netlink {
     }
 
     /// `ip link add <host> mtu M address A group G type veth peer name <peer> netns <fd> mtu M address B`
-    /// in one RTM_NEWLINK. Fails with EEXIST if either name is taken.
+    /// in one RTM_NEWLINK, then `ip link show <host>` in the same datagram:
+    /// the host end as the kernel made it (`None` if it is already gone).
+    /// Fails with EEXIST if either name is taken.
     pub fn link_add_veth(
         &mut self,
         host: &VethEnd<'_>,
         host_group: u32,
         peer: &VethEnd<'_>,
         peer_netns: BorrowedFd<'_>,
-    ) -> Result<()> {
+    ) -> Result<Option<Link>> {
         let mut peer_msg = LinkMessage::default();
         peer_msg.attributes = vec![
             LinkAttribute::IfName(peer.name.to_string()),
@@ -135,11 +137,32 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
             ]),
         ];
-        self.nl.request(
-            &format!("link add {} type veth peer {}", host.name, peer.name),
-            RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
+        let mut make = Batch::new();
+        make.push(
+            Request::new(
+                format!("link add {} type veth peer {}", host.name, peer.name),
+                RouteNetlinkMessage::NewLink(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
+            .without_ack(),
+        );
+        let mut show = LinkMessage::default();
+        show.attributes
+            .push(LinkAttribute::IfName(host.name.to_string()));
+        let what = format!("link show {}", host.name);
+        match self
+            .nl
+            .batch_get(&make, &what, RouteNetlinkMessage::GetLink(show), 0)
+        {
+            Ok(Some(RouteNetlinkMessage::NewLink(link))) => Ok(Some(Link::from_message(&link))),
+            Ok(None) => Ok(None),
+            Ok(Some(_)) => Err(NetlinkError::decode(what, "unexpected reply")),
+            // The get's own "no such device": made, and gone already.
+            Err(NetlinkError::Kernel {
+                request, source, ..
+            }) if request == what && source.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// `ip link set <index> down`: the kernel also drops every route through it.

@@ -85,43 +85,18 @@ pub fn create(
         mtu,
         mac: pod_mac,
     };
-    if let Err(e) = host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
-        if e.errno() != Some(libc::EEXIST) {
+    let made = match host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
+        Ok(made) => made,
+        Err(e) if e.errno() != Some(libc::EEXIST) => {
             return Err(kernel_error("cannot create the veth pair", &e));
         }
-        // Our name is taken. If it is ours and the pod has no such
-        // interface, it is what a killed ADD left behind: remove it and
-        // try once more. Anything else is not ours to touch.
-        let leftover = host_nl
-            .link_get(host_name)
-            .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
-        match leftover {
-            Some(l) if l.group == group => {
-                host_nl
-                    .link_del(l.index)
-                    .map_err(|e| kernel_error("cannot remove a leftover host veth", &e))?;
-                host_nl
-                    .link_add_veth(&host, group, &peer, netns.as_fd())
-                    .map_err(|e| kernel_error("cannot create the veth pair", &e))?;
-            }
-            Some(_) => {
-                return Err(CniError::new(
-                    Code::InterfaceExists,
-                    format!("host interface {host_name} exists and was not made by this network"),
-                ))
-            }
-            None => return Err(kernel_error("cannot create the veth pair", &e)),
-        }
-    }
-    let host_link = match host_nl.link_get(host_name) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            return Err(CniError::new(
-                Code::Kernel,
-                format!("host veth {host_name} vanished after creation"),
-            ))
-        }
-        Err(e) => return Err(kernel_error("cannot look up the host veth", &e)),
+        Err(e) => retry_over_leftover(host_nl, netns, &host, group, &peer, e)?,
+    };
+    let Some(host_link) = made else {
+        return Err(CniError::new(
+            Code::Kernel,
+            format!("host veth {host_name} vanished after creation"),
+        ));
     };
     crate::failpoint::hit("add-veth-created");
     let configured = configure(host_nl, pod_nl, netns, &host_link, spec, pod_mac);
@@ -136,6 +111,39 @@ pub fn create(
             }
             Err(err)
         }
+    }
+}
+
+/// The veth pair's creation failed with EEXIST (`e`): our host name is
+/// taken. If it is ours and the pod has no such interface, it is what a
+/// killed ADD left behind: remove it and try once more. Anything else is
+/// not ours to touch.
+fn retry_over_leftover(
+    host_nl: &mut Netlink,
+    netns: &File,
+    host: &VethEnd<'_>,
+    group: u32,
+    peer: &VethEnd<'_>,
+    e: NetlinkError,
+) -> CniResult<Option<Link>> {
+    let host_name = host.name;
+    let leftover = host_nl
+        .link_get(host_name)
+        .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
+    match leftover {
+        Some(l) if l.group == group => {
+            host_nl
+                .link_del(l.index)
+                .map_err(|e| kernel_error("cannot remove a leftover host veth", &e))?;
+            host_nl
+                .link_add_veth(host, group, peer, netns.as_fd())
+                .map_err(|e| kernel_error("cannot create the veth pair", &e))
+        }
+        Some(_) => Err(CniError::new(
+            Code::InterfaceExists,
+            format!("host interface {host_name} exists and was not made by this network"),
+        )),
+        None => Err(kernel_error("cannot create the veth pair", &e)),
     }
 }
 

@@ -235,6 +235,71 @@ impl<M: Message, T: Transport> Netlink<M, T> {
     }
 }
 
+impl<M: Message, T: Transport> Netlink<M, T> {
+    /// Sends the requests of `batch`, then the get `msg`, in one datagram,
+    /// and returns the get's answer as [`Netlink::get`] does: "make it,
+    /// then say what it is" in one send and one receive. The kernel
+    /// handles the messages in order, so a refusal of a batch request
+    /// arrives before the get's answer, and is the error. Requests of the
+    /// batch that ask for an ack cost a receive each; build it without.
+    pub fn batch_get(
+        &mut self,
+        batch: &Batch<M>,
+        what: &str,
+        msg: M,
+        flags: u16,
+    ) -> Result<Option<M>> {
+        let first = self.seq.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(batch.requests.len() as u32);
+        self.out.clear();
+        batch.encode(first, &mut self.out);
+        let seq = self.next_seq();
+        encode(&mut self.out, &msg, NLM_F_REQUEST | flags, seq);
+        let sent = batch.requests.first().map_or(what, |r| r.what.as_str());
+        self.transport
+            .send(&self.out)
+            .map_err(|source| NetlinkError::Io {
+                request: sent.into(),
+                source,
+            })?;
+        let mut reply = None;
+        self.receive(what, |frame| {
+            if frame.seq == seq {
+                return match frame.kind {
+                    NLMSG_ERROR => match ack(what, frame)? {
+                        Ack { errno: 0, .. } => Ok(true),
+                        Ack { errno, message, .. } => {
+                            Err(NetlinkError::kernel(what, errno, message))
+                        }
+                    },
+                    NLMSG_NOOP | NLMSG_OVERRUN | NLMSG_DONE => Ok(false),
+                    _ => {
+                        reply = Some(decode(what, frame)?);
+                        Ok(true)
+                    }
+                };
+            }
+            let index = frame.seq.wrapping_sub(first) as usize;
+            let Some(request) = batch.requests.get(index) else {
+                return Ok(false);
+            };
+            if frame.kind != NLMSG_ERROR {
+                return Ok(false);
+            }
+            let answer = ack(&request.what, frame)?;
+            if answer.errno != 0 && Some(answer.errno) != request.tolerated {
+                return Err(NetlinkError::kernel(
+                    request.what.clone(),
+                    answer.errno,
+                    answer.message,
+                ));
+            }
+            Ok(false)
+        })?;
+        Ok(reply)
+    }
+}
+
 fn ack(what: &str, frame: &Frame<'_>) -> Result<Ack> {
     Ack::from_error(frame).map_err(|e| NetlinkError::decode(what, e))
 }
