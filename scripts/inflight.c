@@ -12,10 +12,12 @@
  * CNI_CONTAINERID=ID, CNI_NETNS=/run/netns/ID, CNI_IFNAME=eth0, CNI_PATH
  * and PATH from this process's environment, stdin from CONF, stdout to
  * OUTDIR/ID.json and stderr to OUTDIR/ID.err. The children are all made
- * first and wait on one pipe; closing it releases them together. Each
- * notes CLOCK_MONOTONIC just before its execve, in a shared page; this
- * process notes each exit as it reaps it. Prints, per ID, one line:
- * "ID start_ns end_ns status" (status as waitpid gives it).
+ * first and wait on one pipe; closing it releases them together, which is
+ * when a runtime would have started them all. Each notes CLOCK_MONOTONIC
+ * just before its execve, in a shared page (how long it waited for a CPU
+ * before it could exec is the difference); this process notes each exit
+ * as it reaps it. Prints "release RELEASE_NS", then, per ID, one line:
+ * "ID exec_ns end_ns status" (status as waitpid gives it).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -114,6 +116,8 @@ int main(int argc, char **argv)
 		free(netns);
 	}
 	close(gate[0]);
+	printf("release %llu\n", (unsigned long long)now_ns());
+	fflush(stdout);
 	close(gate[1]);
 	for (int left = n; left > 0; left--) {
 		int st;
