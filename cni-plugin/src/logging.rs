@@ -5,6 +5,7 @@ use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,8 +17,15 @@ struct Logger {
     file: Option<Mutex<std::fs::File>>,
     level: LevelFilter,
     context: String,
-    /// Asked once: glibc does not cache getpid.
-    pid: u32,
+}
+
+/// The pid in every line, asked once (glibc does not cache getpid) and
+/// again in a forked child ([`forked`]).
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// Call in a child after fork, so that its lines carry its own pid.
+pub fn forked() {
+    PID.store(std::process::id(), Ordering::Relaxed);
 }
 
 impl Log for Logger {
@@ -47,7 +55,7 @@ impl Log for Logger {
                 now.as_secs(),
                 now.subsec_micros(),
                 record.level(),
-                self.pid,
+                PID.load(Ordering::Relaxed),
                 self.context,
                 record.args()
             );
@@ -81,8 +89,8 @@ pub fn init(file: Option<&Path>, level: LogLevel, context: String) {
         file,
         level,
         context,
-        pid: std::process::id(),
     };
+    PID.store(std::process::id(), Ordering::Relaxed);
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(LevelFilter::Debug.max(level));
     }

@@ -388,6 +388,7 @@ pub fn reap(mut nl: Netlink, links: Vec<Link>) {
                     libc::dup2(null, 2);
                 }
             }
+            crate::logging::forked();
             crate::failpoint::reaper_hold();
             for l in &links {
                 if let Err(e) = nl.link_del(l.index) {
