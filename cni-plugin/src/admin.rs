@@ -10,7 +10,6 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use ipnetwork::IpNetwork;
@@ -554,18 +553,19 @@ fn conf_from_file(path: &std::path::Path) -> anyhow::Result<config::NetConf> {
 }
 
 /// Runs the command line `args` (without the program name). A usage error
-/// is printed here, to stderr, and exits 2; help goes to stdout.
-pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<ExitCode> {
+/// is printed here, to stderr, and exits 2; help goes to stdout. The
+/// result is the process's exit code.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<u8> {
     match parse(args) {
         Ok(command) => execute(command),
         Err(e) => {
             eprint!("{e}");
-            Ok(ExitCode::from(2))
+            Ok(2)
         }
     }
 }
 
-fn execute(command: Command) -> anyhow::Result<ExitCode> {
+fn execute(command: Command) -> anyhow::Result<u8> {
     let mut out = std::io::stdout().lock();
     match command {
         Command::Help(topics) if topics.is_empty() => write!(out, "{}", overview())?,
@@ -696,7 +696,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// The datapath pinned under `root`, or an error that says where none is.

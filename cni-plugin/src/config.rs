@@ -2,6 +2,7 @@
 //! environment. Both are validated before anything on the host is touched.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 
@@ -363,7 +364,7 @@ pub fn parse_command(s: Option<&str>) -> CniResult<Command> {
 }
 
 impl CniEnv {
-    pub fn from_map(env: &HashMap<String, String>) -> CniResult<Self> {
+    pub fn from_map<S: BuildHasher>(env: &HashMap<String, String, S>) -> CniResult<Self> {
         let get = |k: &str| env.get(k).map(String::as_str);
         let command = parse_command(get("CNI_COMMAND"))?;
         let per_container = matches!(command, Command::Add | Command::Del | Command::Check);

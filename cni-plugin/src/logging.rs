@@ -5,6 +5,7 @@ use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,15 @@ struct Logger {
     file: Option<Mutex<std::fs::File>>,
     level: LevelFilter,
     context: String,
+}
+
+/// The pid in every line, asked once (glibc does not cache getpid) and
+/// again in a forked child ([`forked`]).
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// Call in a child after fork, so that its lines carry its own pid.
+pub fn forked() {
+    PID.store(std::process::id(), Ordering::Relaxed);
 }
 
 impl Log for Logger {
@@ -45,7 +55,7 @@ impl Log for Logger {
                 now.as_secs(),
                 now.subsec_micros(),
                 record.level(),
-                std::process::id(),
+                PID.load(Ordering::Relaxed),
                 self.context,
                 record.args()
             );
@@ -70,14 +80,7 @@ pub fn init(file: Option<&Path>, level: LogLevel, context: String) {
     };
     let mut open_error = None;
     let file = file.and_then(|p| {
-        if let Some(dir) = p.parent() {
-            let _ = DirBuilder::new().recursive(true).mode(0o700).create(dir);
-        }
-        OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(p)
+        open_log(p)
             .map_err(|e| open_error = Some(format!("cannot open log file {}: {e}", p.display())))
             .ok()
             .map(Mutex::new)
@@ -87,10 +90,33 @@ pub fn init(file: Option<&Path>, level: LogLevel, context: String) {
         level,
         context,
     };
+    PID.store(std::process::id(), Ordering::Relaxed);
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(LevelFilter::Debug.max(level));
     }
     if let Some(e) = open_error {
         log::warn!("{e}");
+    }
+}
+
+/// Opens the log file for appending; its directory is made (0700) only
+/// when the file cannot be opened for want of it, so that the usual case,
+/// every ADD after the first, costs one open.
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    let open = || {
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            }
+            open()
+        }
+        other => other,
     }
 }

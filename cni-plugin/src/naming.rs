@@ -61,23 +61,31 @@ pub fn host_veth_group(network: &str) -> u32 {
     h | 0x8000_0000
 }
 
-/// A random unicast, locally administered MAC address.
-pub fn random_mac() -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    // SAFETY: getrandom writes at most mac.len() bytes into mac.
-    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
-    if n != mac.len() as isize {
-        // getrandom cannot fail for 6 bytes once the pool is initialised;
-        // fall back to time and pid rather than fail an ADD.
+/// `N` random unicast, locally administered MAC addresses, from one
+/// getrandom call (a veth pair needs two).
+pub fn random_macs<const N: usize>() -> [[u8; 6]; N] {
+    let mut macs = [[0u8; 6]; N];
+    let len = 6 * N;
+    // SAFETY: getrandom writes at most len bytes into macs, which is
+    // N arrays of 6 bytes laid out contiguously.
+    let n = unsafe { libc::getrandom(macs.as_mut_ptr().cast(), len, 0) };
+    if n != len as isize {
+        // getrandom cannot fail for a few bytes once the pool is
+        // initialised; fall back to time and pid rather than fail an ADD.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos() as u64
             ^ u64::from(std::process::id()) << 32;
-        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+        for (i, mac) in macs.iter_mut().enumerate() {
+            let v = t.wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            mac.copy_from_slice(&v.to_le_bytes()[..6]);
+        }
     }
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
+    for mac in &mut macs {
+        mac[0] = (mac[0] & 0xfe) | 0x02;
+    }
+    macs
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
@@ -121,9 +129,12 @@ mod tests {
     #[test]
     fn macs_are_local_unicast() {
         for _ in 0..64 {
-            let m = random_mac();
+            let [m] = random_macs::<1>();
             assert_eq!(m[0] & 0x01, 0, "unicast");
             assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+            let [a, b] = random_macs::<2>();
+            assert_ne!(a, b, "the two ends of a pair differ");
+            assert_eq!((a[0] & 0x03, b[0] & 0x03), (0x02, 0x02));
         }
         assert_eq!(format_mac(&[2, 0, 0xab, 1, 2, 3]), "02:00:ab:01:02:03");
     }

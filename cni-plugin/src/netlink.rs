@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use ferrite_netlink::route::{family, route_ip, RouteNetlink};
 use ferrite_netlink::wire::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use ferrite_netlink::{Batch, Request};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -78,23 +79,46 @@ impl Netlink {
         })
     }
 
-    /// A socket inside the network namespace `netns` (opened on a
-    /// short-lived thread: the caller's thread never changes namespace).
+    /// A socket inside the network namespace `netns`, made from inside it
+    /// on the calling thread, which then comes back (`netns::within`).
     pub fn in_netns(netns: BorrowedFd<'_>) -> Result<Self> {
-        Ok(Self {
-            nl: ferrite_netlink::route::open_in_netns(netns)?,
+        crate::netns::within(netns, Self::new).unwrap_or_else(|source| {
+            Err(NetlinkError::Socket {
+                call: "setns(CLONE_NEWNET)",
+                source,
+            })
         })
     }
 
+    /// Sends `requests` in one datagram and waits for the kernel's one
+    /// answer to the last (`Batch::ack_last_only`): the first refusal,
+    /// named after its request, is the error. The kernel carries on with
+    /// the requests after a refused one; callers undo the whole set.
+    pub fn apply(&mut self, requests: Vec<Req>) -> Result<()> {
+        let mut batch = Batch::new();
+        for r in requests {
+            batch.push(Request::new(r.what, r.msg, r.flags));
+        }
+        self.nl.batch(batch.ack_last_only())
+    }
+
+    /// The socket itself, for requests built elsewhere (the datapath's
+    /// clsact attach).
+    pub fn socket(&mut self) -> &mut RouteNetlink {
+        &mut self.nl
+    }
+
     /// `ip link add <host> mtu M address A group G type veth peer name <peer> netns <fd> mtu M address B`
-    /// in one RTM_NEWLINK. Fails with EEXIST if either name is taken.
+    /// in one RTM_NEWLINK, then `ip link show <host>` in the same datagram:
+    /// the host end as the kernel made it (`None` if it is already gone).
+    /// Fails with EEXIST if either name is taken.
     pub fn link_add_veth(
         &mut self,
         host: &VethEnd<'_>,
         host_group: u32,
         peer: &VethEnd<'_>,
         peer_netns: BorrowedFd<'_>,
-    ) -> Result<()> {
+    ) -> Result<Option<Link>> {
         let mut peer_msg = LinkMessage::default();
         peer_msg.attributes = vec![
             LinkAttribute::IfName(peer.name.to_string()),
@@ -113,28 +137,32 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
             ]),
         ];
-        self.nl.request(
-            &format!("link add {} type veth peer {}", host.name, peer.name),
-            RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
-    }
-
-    /// `ip link set <index> up [alias A]`
-    pub fn link_set_up(&mut self, index: u32, alias: Option<&str>) -> Result<()> {
-        let mut msg = LinkMessage::default();
-        msg.header.index = index;
-        msg.header.flags = LinkFlags::Up;
-        msg.header.change_mask = LinkFlags::Up;
-        if let Some(alias) = alias {
-            msg.attributes
-                .push(LinkAttribute::IfAlias(alias.to_string()));
+        let mut make = Batch::new();
+        make.push(
+            Request::new(
+                format!("link add {} type veth peer {}", host.name, peer.name),
+                RouteNetlinkMessage::NewLink(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
+            .without_ack(),
+        );
+        let mut show = LinkMessage::default();
+        show.attributes
+            .push(LinkAttribute::IfName(host.name.to_string()));
+        let what = format!("link show {}", host.name);
+        match self
+            .nl
+            .batch_get(&make, &what, RouteNetlinkMessage::GetLink(show), 0)
+        {
+            Ok(Some(RouteNetlinkMessage::NewLink(link))) => Ok(Some(Link::from_message(&link))),
+            Ok(None) => Ok(None),
+            Ok(Some(_)) => Err(NetlinkError::decode(what, "unexpected reply")),
+            // The get's own "no such device": made, and gone already.
+            Err(NetlinkError::Kernel {
+                request, source, ..
+            }) if request == what && source.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
         }
-        self.nl.request(
-            &format!("link set {index} up"),
-            RouteNetlinkMessage::SetLink(msg),
-            0,
-        )
     }
 
     /// `ip link set <index> down`: the kernel also drops every route through it.
@@ -221,27 +249,6 @@ impl Netlink {
             .collect())
     }
 
-    /// `ip addr add <ip>/<prefix> dev <index> [nodad]`
-    pub fn addr_add(&mut self, index: u32, ip: IpAddr, prefix_len: u8) -> Result<()> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = family(ip);
-        msg.header.prefix_len = prefix_len;
-        msg.header.index = index;
-        msg.attributes.push(AddressAttribute::Local(ip));
-        if ip.is_ipv6() {
-            msg.attributes.push(AddressAttribute::Address(ip));
-            msg.attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        } else {
-            msg.attributes.push(AddressAttribute::Address(ip));
-        }
-        self.nl.request(
-            &format!("addr add {ip}/{prefix_len} dev {index}"),
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
-    }
-
     /// `ip addr show dev <index>`: (address, prefix length) pairs.
     pub fn addr_list(&mut self, index: u32) -> Result<Vec<(IpAddr, u8)>> {
         let replies = self.nl.dump(
@@ -262,42 +269,6 @@ impl Netlink {
             }
         }
         Ok(out)
-    }
-
-    /// `ip route add <dst>/<len> [via <gw> onlink] dev <index> [scope link] proto ferrite`
-    pub fn route_add(&mut self, route: &RouteSpec) -> Result<()> {
-        let mut msg = RouteMessage::default();
-        let fam = family(route.destination);
-        msg.header.address_family = fam;
-        msg.header.destination_prefix_length = route.prefix_len;
-        msg.header.table = libc::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Other(FERRITE_ROUTE_PROTOCOL);
-        msg.header.kind = RouteType::Unicast;
-        msg.header.scope = if route.gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        if route.prefix_len > 0 {
-            msg.attributes
-                .push(RouteAttribute::Destination(RouteAddress::from(
-                    route.destination,
-                )));
-        }
-        if let Some(gw) = route.gateway {
-            msg.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
-            msg.header.flags = RouteFlags::Onlink;
-        }
-        msg.attributes.push(RouteAttribute::Oif(route.oif));
-        self.nl.request(
-            &format!(
-                "route add {}/{} dev {}",
-                route.destination, route.prefix_len, route.oif
-            ),
-            RouteNetlinkMessage::NewRoute(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )
     }
 
     /// `ip route show table main` for one family.
@@ -337,24 +308,6 @@ impl Netlink {
             out.push(route);
         }
         Ok(out)
-    }
-
-    /// `ip neigh replace <ip> lladdr <mac> nud permanent dev <index>`
-    pub fn neigh_add_permanent(&mut self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = family(ip);
-        msg.header.ifindex = index;
-        msg.header.state = NeighbourState::Permanent;
-        msg.header.flags = NeighbourFlags::empty();
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        self.nl.request(
-            &format!("neigh add {ip} dev {index}"),
-            RouteNetlinkMessage::NewNeighbour(msg),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )
     }
 
     /// `tc qdisc show dev <index>`: (at the root?, kind) of each qdisc.
@@ -424,6 +377,112 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+/// One request, built but not yet sent: several go to the kernel in one
+/// datagram with [`Netlink::apply`]. Named like the iproute2 command.
+pub struct Req {
+    what: String,
+    msg: RouteNetlinkMessage,
+    flags: u16,
+}
+
+impl Req {
+    fn new(what: String, msg: RouteNetlinkMessage, flags: u16) -> Self {
+        Self { what, msg, flags }
+    }
+
+    /// `ip link set <index> up [alias A]`
+    pub fn link_set_up(index: u32, alias: Option<&str>) -> Req {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        if let Some(alias) = alias {
+            msg.attributes
+                .push(LinkAttribute::IfAlias(alias.to_string()));
+        }
+        Req::new(
+            format!("link set {index} up"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
+    /// `ip addr add <ip>/<prefix> dev <index> [nodad]`
+    pub fn addr_add(index: u32, ip: IpAddr, prefix_len: u8) -> Req {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family(ip);
+        msg.header.prefix_len = prefix_len;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(ip));
+        if ip.is_ipv6() {
+            msg.attributes.push(AddressAttribute::Address(ip));
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        } else {
+            msg.attributes.push(AddressAttribute::Address(ip));
+        }
+        Req::new(
+            format!("addr add {ip}/{prefix_len} dev {index}"),
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// `ip route add <dst>/<len> [via <gw> onlink] dev <index> [scope link] proto ferrite`
+    pub fn route_add(route: &RouteSpec) -> Req {
+        let mut msg = RouteMessage::default();
+        let fam = family(route.destination);
+        msg.header.address_family = fam;
+        msg.header.destination_prefix_length = route.prefix_len;
+        msg.header.table = libc::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Other(FERRITE_ROUTE_PROTOCOL);
+        msg.header.kind = RouteType::Unicast;
+        msg.header.scope = if route.gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        if route.prefix_len > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    route.destination,
+                )));
+        }
+        if let Some(gw) = route.gateway {
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+            msg.header.flags = RouteFlags::Onlink;
+        }
+        msg.attributes.push(RouteAttribute::Oif(route.oif));
+        Req::new(
+            format!(
+                "route add {}/{} dev {}",
+                route.destination, route.prefix_len, route.oif
+            ),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// `ip neigh replace <ip> lladdr <mac> nud permanent dev <index>`
+    pub fn neigh_add_permanent(index: u32, ip: IpAddr, mac: [u8; 6]) -> Req {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(ip);
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.flags = NeighbourFlags::empty();
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        Req::new(
+            format!("neigh add {ip} dev {index}"),
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
     }
 }
 

@@ -2,6 +2,7 @@
 //! `dispatch` takes both injected, so tests drive it without a process.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -32,7 +33,11 @@ impl Output {
 }
 
 /// Runs one CNI invocation. `init_logging` is false in unit tests.
-pub fn dispatch(env: &HashMap<String, String>, stdin: &[u8], init_logging: bool) -> Output {
+pub fn dispatch<S: BuildHasher>(
+    env: &HashMap<String, String, S>,
+    stdin: &[u8],
+    init_logging: bool,
+) -> Output {
     let reply_version = config::sniff_version(stdin);
     let command = match config::parse_command(env.get("CNI_COMMAND").map(String::as_str)) {
         Ok(c) => c,

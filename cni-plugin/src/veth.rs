@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::error::{CniError, CniResult, Code};
 use crate::naming::{self, gateway_for};
-use crate::netlink::{Link, Netlink, NetlinkError, RouteSpec, VethEnd};
+use crate::netlink::{Link, Netlink, NetlinkError, Req, RouteSpec, VethEnd};
 
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
@@ -74,8 +74,7 @@ pub fn create(
         mtu,
         ..
     } = *spec;
-    let host_mac = naming::random_mac();
-    let pod_mac = naming::random_mac();
+    let [host_mac, pod_mac] = naming::random_macs::<2>();
     let host = VethEnd {
         name: host_name,
         mtu,
@@ -86,43 +85,18 @@ pub fn create(
         mtu,
         mac: pod_mac,
     };
-    if let Err(e) = host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
-        if e.errno() != Some(libc::EEXIST) {
+    let made = match host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
+        Ok(made) => made,
+        Err(e) if e.errno() != Some(libc::EEXIST) => {
             return Err(kernel_error("cannot create the veth pair", &e));
         }
-        // Our name is taken. If it is ours and the pod has no such
-        // interface, it is what a killed ADD left behind: remove it and
-        // try once more. Anything else is not ours to touch.
-        let leftover = host_nl
-            .link_get(host_name)
-            .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
-        match leftover {
-            Some(l) if l.group == group => {
-                host_nl
-                    .link_del(l.index)
-                    .map_err(|e| kernel_error("cannot remove a leftover host veth", &e))?;
-                host_nl
-                    .link_add_veth(&host, group, &peer, netns.as_fd())
-                    .map_err(|e| kernel_error("cannot create the veth pair", &e))?;
-            }
-            Some(_) => {
-                return Err(CniError::new(
-                    Code::InterfaceExists,
-                    format!("host interface {host_name} exists and was not made by this network"),
-                ))
-            }
-            None => return Err(kernel_error("cannot create the veth pair", &e)),
-        }
-    }
-    let host_link = match host_nl.link_get(host_name) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            return Err(CniError::new(
-                Code::Kernel,
-                format!("host veth {host_name} vanished after creation"),
-            ))
-        }
-        Err(e) => return Err(kernel_error("cannot look up the host veth", &e)),
+        Err(e) => retry_over_leftover(host_nl, netns, &host, group, &peer, e)?,
+    };
+    let Some(host_link) = made else {
+        return Err(CniError::new(
+            Code::Kernel,
+            format!("host veth {host_name} vanished after creation"),
+        ));
     };
     crate::failpoint::hit("add-veth-created");
     let configured = configure(host_nl, pod_nl, netns, &host_link, spec, pod_mac);
@@ -140,6 +114,39 @@ pub fn create(
     }
 }
 
+/// The veth pair's creation failed with EEXIST (`e`): our host name is
+/// taken. If it is ours and the pod has no such interface, it is what a
+/// killed ADD left behind: remove it and try once more. Anything else is
+/// not ours to touch.
+fn retry_over_leftover(
+    host_nl: &mut Netlink,
+    netns: &File,
+    host: &VethEnd<'_>,
+    group: u32,
+    peer: &VethEnd<'_>,
+    e: NetlinkError,
+) -> CniResult<Option<Link>> {
+    let host_name = host.name;
+    let leftover = host_nl
+        .link_get(host_name)
+        .map_err(|e| kernel_error("cannot look up the host veth", &e))?;
+    match leftover {
+        Some(l) if l.group == group => {
+            host_nl
+                .link_del(l.index)
+                .map_err(|e| kernel_error("cannot remove a leftover host veth", &e))?;
+            host_nl
+                .link_add_veth(host, group, peer, netns.as_fd())
+                .map_err(|e| kernel_error("cannot create the veth pair", &e))
+        }
+        Some(_) => Err(CniError::new(
+            Code::InterfaceExists,
+            format!("host interface {host_name} exists and was not made by this network"),
+        )),
+        None => Err(kernel_error("cannot create the veth pair", &e)),
+    }
+}
+
 fn configure(
     host_nl: &mut Netlink,
     pod_nl: &mut Netlink,
@@ -149,34 +156,50 @@ fn configure(
     pod_mac: [u8; 6],
 ) -> CniResult<()> {
     let (ifname, ips) = (spec.ifname, spec.ips);
-    let k = |what: &'static str| move |e: NetlinkError| kernel_error(what, &e);
     if !ips.iter().any(IpAddr::is_ipv6) {
         host_ipv6_off(&host.name)?;
     }
-    host_nl
-        .link_set_up(host.index, Some(spec.alias))
-        .map_err(k("cannot set the host veth up"))?;
-
-    // Pod side: lo up, address, eth0 up, gateway neighbour, default route.
-    pod_nl
-        .link_set_up(1, None)
-        .map_err(k("cannot set lo up in the pod"))?;
-    let pod = pod_nl
-        .link_get(ifname)
-        .map_err(k("cannot look up the pod interface"))?
-        .ok_or_else(|| CniError::new(Code::Kernel, format!("{ifname} missing in the pod")))?;
+    // The pod end's index, as the host end reports its peer (IFLA_LINK):
+    // no lookup in the pod needed.
+    let pod_index = match host.peer_index {
+        Some(index) => index,
+        None => {
+            pod_nl
+                .link_get(ifname)
+                .map_err(|e| kernel_error("cannot look up the pod interface", &e))?
+                .ok_or_else(|| CniError::new(Code::Kernel, format!("{ifname} missing in the pod")))?
+                .index
+        }
+    };
     if ips.iter().any(IpAddr::is_ipv6) {
         pod_ipv6_sysctls(netns, ifname)?;
     }
+
+    // Host side: up, a route to each pod address, and its neighbour entry
+    // so the host never has to ARP for the pod. One datagram, one answer.
+    let mut host_side = vec![Req::link_set_up(host.index, Some(spec.alias))];
     for ip in ips {
         let len = if ip.is_ipv4() { 32 } else { 128 };
-        pod_nl
-            .addr_add(pod.index, *ip, len)
-            .map_err(k("cannot add the pod address"))?;
+        host_side.push(Req::route_add(&RouteSpec {
+            destination: *ip,
+            prefix_len: len,
+            gateway: None,
+            oif: host.index,
+        }));
+        host_side.push(Req::neigh_add_permanent(host.index, *ip, pod_mac));
     }
-    pod_nl
-        .link_set_up(pod.index, None)
-        .map_err(k("cannot set the pod interface up"))?;
+    host_nl
+        .apply(host_side)
+        .map_err(|e| kernel_error("cannot configure the host veth", &e))?;
+
+    // Pod side: lo up, address, eth0 up, gateway neighbour, default route,
+    // in this order (the route needs the device up), in one datagram.
+    let mut pod_side = vec![Req::link_set_up(1, None)];
+    for ip in ips {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        pod_side.push(Req::addr_add(pod_index, *ip, len));
+    }
+    pod_side.push(Req::link_set_up(pod_index, None));
     let mut families: Vec<IpAddr> = Vec::new();
     for ip in ips {
         let gw = gateway_for(*ip);
@@ -184,41 +207,22 @@ fn configure(
             continue;
         }
         families.push(gw);
-        pod_nl
-            .neigh_add_permanent(pod.index, gw, host.mac)
-            .map_err(k("cannot add the gateway neighbour in the pod"))?;
+        pod_side.push(Req::neigh_add_permanent(pod_index, gw, host.mac));
         let any = if ip.is_ipv4() {
             IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
         } else {
             IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
         };
-        pod_nl
-            .route_add(&RouteSpec {
-                destination: any,
-                prefix_len: 0,
-                gateway: Some(gw),
-                oif: pod.index,
-            })
-            .map_err(k("cannot add the default route in the pod"))?;
+        pod_side.push(Req::route_add(&RouteSpec {
+            destination: any,
+            prefix_len: 0,
+            gateway: Some(gw),
+            oif: pod_index,
+        }));
     }
-
-    // Host side: a route to each pod address, and its neighbour entry so the
-    // host never has to ARP for the pod.
-    for ip in ips {
-        let len = if ip.is_ipv4() { 32 } else { 128 };
-        host_nl
-            .route_add(&RouteSpec {
-                destination: *ip,
-                prefix_len: len,
-                gateway: None,
-                oif: host.index,
-            })
-            .map_err(k("cannot add the host route to the pod"))?;
-        host_nl
-            .neigh_add_permanent(host.index, *ip, pod_mac)
-            .map_err(k("cannot add the pod's neighbour entry on the host"))?;
-    }
-    Ok(())
+    pod_nl
+        .apply(pod_side)
+        .map_err(|e| kernel_error("cannot configure the pod interface", &e))
 }
 
 /// IPv6 off on the host veth of a pod without IPv6, before it goes up.
@@ -246,29 +250,21 @@ fn host_ipv6_off(host_name: &str) -> CniResult<()> {
 
 /// IPv6 on the pod's interface, usable at once: enabled, and without
 /// duplicate address detection (ferrite's IPAM already guarantees the
-/// address is unique). Written inside the pod's namespace, on a thread that
-/// entered it: /proc/sys/net belongs to the namespace of whoever opens it,
-/// so the node's own settings are never touched.
+/// address is unique). Written from inside the pod's namespace
+/// (`netns::within`): /proc/sys/net belongs to the namespace of whoever
+/// opens it, so the node's own settings are never touched.
 fn pod_ipv6_sysctls(netns: &File, ifname: &str) -> CniResult<()> {
-    let fd = netns.as_raw_fd();
-    std::thread::scope(|s| {
-        s.spawn(move || -> CniResult<()> {
-            // SAFETY: setns on this short-lived thread only.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                return Err(CniError::new(Code::Kernel, "setns into the pod failed")
-                    .with_details(std::io::Error::last_os_error()));
-            }
-            for (key, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
-                let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
-                std::fs::write(&path, value).map_err(|e| {
-                    CniError::new(Code::Kernel, format!("cannot set {path} in the pod"))
-                        .with_details(e)
-                })?;
-            }
-            Ok(())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(CniError::new(Code::Kernel, "sysctl thread panicked")))
+    crate::netns::within(netns.as_fd(), || -> CniResult<()> {
+        for (key, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
+            let path = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+            std::fs::write(&path, value).map_err(|e| {
+                CniError::new(Code::Kernel, format!("cannot set {path} in the pod")).with_details(e)
+            })?;
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| {
+        Err(CniError::new(Code::Kernel, "cannot enter the pod's namespace").with_details(e))
     })
 }
 
@@ -377,8 +373,8 @@ pub fn reap(mut nl: Netlink, links: Vec<Link>) {
     if links.is_empty() {
         return;
     }
-    // SAFETY: the plugin is single-threaded here (the namespace thread has
-    // been joined); the child only makes netlink requests and _exits.
+    // SAFETY: the plugin is single-threaded (it starts no threads); the
+    // child only makes netlink requests and _exits.
     match unsafe { libc::fork() } {
         0 => {
             // SAFETY: plain syscalls on fds this process owns.
@@ -392,6 +388,7 @@ pub fn reap(mut nl: Netlink, links: Vec<Link>) {
                     libc::dup2(null, 2);
                 }
             }
+            crate::logging::forked();
             crate::failpoint::reaper_hold();
             for l in &links {
                 if let Err(e) = nl.link_del(l.index) {

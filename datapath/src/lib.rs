@@ -265,7 +265,6 @@ impl Datapath {
                 endpoints,
                 ifaces: must(pin::IFACES_MAP)?,
                 stats: must(pin::STATS_MAP)?,
-                stackflow: must(pin::STACKFLOW_MAP)?,
             },
             version_dir,
         }))
@@ -422,15 +421,40 @@ impl Datapath {
     /// direct-action filters. TCX: appends the programs. Repeating it
     /// replaces only ferrite's programs (another version's included).
     pub fn attach(&self, ifindex: u32, mode: AttachMode) -> Result<(), DatapathError> {
-        let (from_pod, to_pod) = (self.from_pod.as_fd(), self.to_pod.as_fd());
         match mode {
-            AttachMode::Clsact => Ok(tc::attach(ifindex, from_pod, to_pod)?),
-            AttachMode::Tcx => Ok(tcx::attach(
-                ifindex,
-                (from_pod, pin::FROM_POD),
-                (to_pod, pin::TO_POD),
-            )?),
+            AttachMode::Clsact => {
+                self.attach_with(&mut ferrite_netlink::route::open()?, ifindex, mode)
+            }
+            AttachMode::Tcx => self.attach_tcx(ifindex),
         }
+    }
+
+    /// [`Datapath::attach`] over `nl`, a netlink socket the caller already
+    /// has in the veth's namespace (ADD's own): the clsact requests need
+    /// no socket of their own. TCX attaches by bpf(2) and ignores `nl`.
+    pub fn attach_with(
+        &self,
+        nl: &mut ferrite_netlink::route::RouteNetlink,
+        ifindex: u32,
+        mode: AttachMode,
+    ) -> Result<(), DatapathError> {
+        match mode {
+            AttachMode::Clsact => Ok(tc::attach(
+                nl,
+                ifindex,
+                self.from_pod.as_fd(),
+                self.to_pod.as_fd(),
+            )?),
+            AttachMode::Tcx => self.attach_tcx(ifindex),
+        }
+    }
+
+    fn attach_tcx(&self, ifindex: u32) -> Result<(), DatapathError> {
+        Ok(tcx::attach(
+            ifindex,
+            (self.from_pod.as_fd(), pin::FROM_POD),
+            (self.to_pod.as_fd(), pin::TO_POD),
+        )?)
     }
 
     /// Whether the veth's ingress and egress run this version's programs.
@@ -509,7 +533,8 @@ impl Datapath {
 
     /// How many flows the host stack delivered are remembered (`ferrite_stkflow`).
     pub fn stack_flows(&self) -> Result<usize, DatapathError> {
-        Ok(self.maps.stack_flows()?)
+        let map = self.open_pin(pin::STACKFLOW_MAP)?;
+        Ok(maps::stack_flows(map.as_fd())?)
     }
 
     /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN`, as if it

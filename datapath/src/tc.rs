@@ -3,7 +3,8 @@
 //! netlink layer (no `tc`, no name lookups).
 //!
 //! One `sendmsg` carries the three requests (qdisc, ingress filter, egress
-//! filter); the kernel answers each with an ack. Filters use a fixed
+//! filter); only the last asks for an ack, and the kernel answers the
+//! others only if it refuses them (`Batch::ack_last_only`): one receive. Filters use a fixed
 //! priority and handle, so attaching again replaces ferrite's own filters and
 //! nobody else's. A clsact filter lives and dies with the veth; nothing to
 //! clean up on DEL.
@@ -86,7 +87,7 @@ fn bpf_filter(
 }
 
 /// The attach batch: the qdisc (an existing clsact is what we want) and
-/// ferrite's two filters.
+/// ferrite's two filters, acked by the last one's answer.
 fn attach_batch(
     ifindex: u32,
     from_pod: BorrowedFd<'_>,
@@ -111,18 +112,20 @@ fn attach_batch(
             format!("RTM_NEWTFILTER egress to_pod on ifindex {ifindex}"),
             bpf_filter(ifindex, EGRESS_PARENT, to_pod, "ferrite_to_pod"),
             NLM_F_CREATE | NLM_F_REPLACE,
-        ));
+        ))
+        .ack_last_only();
     batch
 }
 
 /// Adds clsact (if absent) and ferrite's filters on `ifindex`, in one
-/// `sendmsg`.
+/// `sendmsg` over `nl`, a socket in the device's namespace.
 pub(crate) fn attach(
+    nl: &mut RouteNetlink,
     ifindex: u32,
     from_pod: BorrowedFd<'_>,
     to_pod: BorrowedFd<'_>,
 ) -> Result<(), TcError> {
-    route::open()?.batch(&attach_batch(ifindex, from_pod, to_pod))
+    nl.batch(&attach_batch(ifindex, from_pod, to_pod))
 }
 
 /// Program ids of the direct-action bpf filters under `parent`.
@@ -222,26 +225,29 @@ mod tests {
         let batch = attach_batch(7, from.as_fd(), to.as_fd());
         let mut bytes = Vec::new();
         let acked = batch.encode(1, &mut bytes);
-        assert_eq!(acked.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(acked[0].1, "RTM_NEWQDISC clsact on ifindex 7");
+        assert_eq!(acked.iter().map(|a| a.0).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(acked[0].1, "RTM_NEWTFILTER egress to_pod on ifindex 7");
         // (message length, options length, sequence number, parent,
         // program fd, TCA_BPF_NAME with its padding)
-        let filter = |len: &str, opts: &str, seq: &str, parent: &str, fd: &str, name: &str| {
-            hex(&format!(
-                "{len} 2c00 0505 {seq} 00000000
+        // Only the last request asks for an ack (NLM_F_ACK, 0x0004).
+        let filter =
+            |flags: &str, len: &str, opts: &str, seq: &str, parent: &str, fd: &str, name: &str| {
+                hex(&format!(
+                    "{len} 2c00 {flags} {seq} 00000000
                  00000000 07000000 fe000000 {parent} 00030100
                  08000100 62706600
                  {opts} 0200
                    08000600 {fd}
                    {name}
                    08000800 01000000"
-            ))
-        };
+                ))
+            };
         let expected = [
-            hex("30000000 2400 0506 01000000 00000000
+            hex("30000000 2400 0106 01000000 00000000
                  00000000 07000000 0000ffff f1ffffff 00000000
                  0b000100 636c7361637400 00"),
             filter(
+                "0105",
                 "58000000",
                 "2c00",
                 "02000000",
@@ -250,6 +256,7 @@ mod tests {
                 "15000700 666572726974655f66726f6d5f706f64 00000000",
             ),
             filter(
+                "0505",
                 "54000000",
                 "2800",
                 "03000000",
@@ -264,8 +271,8 @@ mod tests {
         assert_eq!(
             flags,
             vec![
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
                 NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
             ]
         );

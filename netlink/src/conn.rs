@@ -235,6 +235,71 @@ impl<M: Message, T: Transport> Netlink<M, T> {
     }
 }
 
+impl<M: Message, T: Transport> Netlink<M, T> {
+    /// Sends the requests of `batch`, then the get `msg`, in one datagram,
+    /// and returns the get's answer as [`Netlink::get`] does: "make it,
+    /// then say what it is" in one send and one receive. The kernel
+    /// handles the messages in order, so a refusal of a batch request
+    /// arrives before the get's answer, and is the error. Requests of the
+    /// batch that ask for an ack cost a receive each; build it without.
+    pub fn batch_get(
+        &mut self,
+        batch: &Batch<M>,
+        what: &str,
+        msg: M,
+        flags: u16,
+    ) -> Result<Option<M>> {
+        let first = self.seq.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(batch.requests.len() as u32);
+        self.out.clear();
+        batch.encode(first, &mut self.out);
+        let seq = self.next_seq();
+        encode(&mut self.out, &msg, NLM_F_REQUEST | flags, seq);
+        let sent = batch.requests.first().map_or(what, |r| r.what.as_str());
+        self.transport
+            .send(&self.out)
+            .map_err(|source| NetlinkError::Io {
+                request: sent.into(),
+                source,
+            })?;
+        let mut reply = None;
+        self.receive(what, |frame| {
+            if frame.seq == seq {
+                return match frame.kind {
+                    NLMSG_ERROR => match ack(what, frame)? {
+                        Ack { errno: 0, .. } => Ok(true),
+                        Ack { errno, message, .. } => {
+                            Err(NetlinkError::kernel(what, errno, message))
+                        }
+                    },
+                    NLMSG_NOOP | NLMSG_OVERRUN | NLMSG_DONE => Ok(false),
+                    _ => {
+                        reply = Some(decode(what, frame)?);
+                        Ok(true)
+                    }
+                };
+            }
+            let index = frame.seq.wrapping_sub(first) as usize;
+            let Some(request) = batch.requests.get(index) else {
+                return Ok(false);
+            };
+            if frame.kind != NLMSG_ERROR {
+                return Ok(false);
+            }
+            let answer = ack(&request.what, frame)?;
+            if answer.errno != 0 && Some(answer.errno) != request.tolerated {
+                return Err(NetlinkError::kernel(
+                    request.what.clone(),
+                    answer.errno,
+                    answer.message,
+                ));
+            }
+            Ok(false)
+        })?;
+        Ok(reply)
+    }
+}
+
 fn ack(what: &str, frame: &Frame<'_>) -> Result<Ack> {
     Ack::from_error(frame).map_err(|e| NetlinkError::decode(what, e))
 }
@@ -344,6 +409,22 @@ impl<M> Batch<M> {
 
     pub fn is_empty(&self) -> bool {
         self.requests.is_empty()
+    }
+
+    /// Asks for an ack from the last request only. The kernel handles the
+    /// requests of one datagram in order and answers a request without
+    /// NLM_F_ACK only when it refuses it, so every refusal is queued before
+    /// the last request's answer: [`Netlink::batch`] still sees each one,
+    /// and a batch that succeeds takes one receive instead of one per
+    /// request. (A refused request does not stop the kernel from handling
+    /// the ones after it; callers that undo the whole batch on an error,
+    /// as ADD does by deleting the veth, do not mind.)
+    pub fn ack_last_only(&mut self) -> &mut Self {
+        let n = self.requests.len();
+        for (i, r) in self.requests.iter_mut().enumerate() {
+            r.ack = i + 1 == n;
+        }
+        self
     }
 
     /// The requests' bytes as one datagram, numbered from `first_seq`, and

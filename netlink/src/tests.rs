@@ -154,6 +154,84 @@ fn batch_refusal_of_an_unacked_request_is_an_error() {
 }
 
 #[test]
+fn batch_acking_the_last_only_takes_one_answer_and_sees_earlier_refusals() {
+    let batch = || {
+        let mut b = Batch::new();
+        b.push(Request::new("addr", raw(20, &[1; 4]), NLM_F_CREATE))
+            .push(Request::new("up", raw(19, &[2; 4]), 0))
+            .push(Request::new("route", raw(24, &[3; 4]), NLM_F_CREATE))
+            .ack_last_only();
+        b
+    };
+    // Success: the kernel answers the last request only.
+    let mut nl = fake::<RawMessage>(vec![answer(3, 0, None)]);
+    nl.batch(&batch()).unwrap();
+    let flags: Vec<u16> = sent_seqs(&nl.transport().sent[0])
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(
+        flags,
+        vec![
+            NLM_F_REQUEST | NLM_F_CREATE,
+            NLM_F_REQUEST,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
+        ]
+    );
+    assert!(nl.transport().replies.is_empty());
+    // A refusal of an earlier request arrives before the last answer and
+    // is the error.
+    let mut nl = fake::<RawMessage>(vec![
+        answer(1, libc::EEXIST, Some("address exists")),
+        answer(3, 0, None),
+    ]);
+    let err = nl.batch(&batch()).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EEXIST));
+    assert!(err.to_string().starts_with("netlink addr: "), "{err}");
+    // A lone request keeps its ack.
+    let mut one = Batch::new();
+    one.push(Request::new("up", raw(19, &[]), 0))
+        .ack_last_only();
+    let mut nl = fake::<RawMessage>(vec![answer(1, 0, None)]);
+    nl.batch(&one).unwrap();
+    assert_eq!(
+        sent_seqs(&nl.transport().sent[0])[0].1,
+        NLM_F_REQUEST | NLM_F_ACK
+    );
+}
+
+#[test]
+fn batch_get_is_one_datagram_and_a_refusal_comes_before_the_answer() {
+    let mut make = Batch::new();
+    make.push(Request::new("link add", raw(16, &[1; 4]), NLM_F_CREATE).without_ack());
+    // Made: the get's answer is the only datagram.
+    let mut nl = fake::<RawMessage>(vec![message(16, 0, 2, &[7; 8])]);
+    let got = nl
+        .batch_get(&make, "link show", raw(18, &[2; 4]), 0)
+        .unwrap();
+    assert_eq!(got.unwrap().body, vec![7; 8]);
+    assert_eq!(nl.transport().sent.len(), 1, "one sendmsg");
+    assert_eq!(
+        sent_seqs(&nl.transport().sent[0]),
+        vec![
+            (16, NLM_F_REQUEST | NLM_F_CREATE, 1),
+            (18, NLM_F_REQUEST, 2)
+        ]
+    );
+    // Refused: its error arrives first, and the answer about someone
+    // else's link of that name is not taken for ours.
+    let mut nl = fake::<RawMessage>(vec![
+        answer(1, libc::EEXIST, None),
+        message(16, 0, 2, &[9; 8]),
+    ]);
+    let err = nl
+        .batch_get(&make, "link show", raw(18, &[2; 4]), 0)
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EEXIST));
+    assert!(err.to_string().starts_with("netlink link add: "), "{err}");
+}
+
+#[test]
 fn request_skips_other_answers_and_reports_extack() {
     let mut nl = fake::<RawMessage>(vec![[
         answer(9, libc::ENOENT, None),

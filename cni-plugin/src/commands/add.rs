@@ -234,7 +234,8 @@ fn setup(
     };
     crate::failpoint::hit("add-configured");
     let wired = dp
-        .attach(
+        .attach_with(
+            host_nl.socket(),
             link.host.index,
             if conf.chained_bandwidth {
                 AttachMode::Tcx

@@ -144,11 +144,18 @@ impl Store {
             });
         }
         let dir = state_dir.join("ipam").join(network);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_error("create directory", &dir))?;
+        // One mkdir when the directory is there (every ADD after the
+        // first): a recursive create would also stat it. Something else of
+        // that name fails the lock file's open, with its path.
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(_) => DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_error("create directory", &dir))?,
+        }
         Ok(Store { dir })
     }
 
@@ -260,13 +267,27 @@ impl Store {
     }
 }
 
+/// The whole file: one fstat for its size, then reads until end of file
+/// (two, as a rule: the contents and the empty read that ends them).
+/// `read_to_end` would stat the file and ask its position again.
 fn read_all(file: &File, path: &Path) -> Result<Vec<u8>, StoreError> {
     let len = file.metadata().map_err(io_error("stat", path))?.len();
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0).saturating_add(1));
+    let mut bytes = vec![0; usize::try_from(len).unwrap_or(0).saturating_add(1)];
+    let mut filled = 0;
     let mut reader = file;
-    reader
-        .read_to_end(&mut bytes)
-        .map_err(io_error("read", path))?;
+    loop {
+        if filled == bytes.len() {
+            // It grew since the fstat: keep going.
+            bytes.resize(filled * 2, 0);
+        }
+        match reader.read(&mut bytes[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error("read", path)(e)),
+        }
+    }
+    bytes.truncate(filled);
     Ok(bytes)
 }
 
