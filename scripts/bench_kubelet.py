@@ -217,14 +217,8 @@ def summarize(runs: list) -> dict:
     return out
 
 
-def write(r: dict, out: str):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import importlib.machinery
-    import importlib.util
-    loader = importlib.machinery.SourceFileLoader("ferrite_bench", str(ROOT / "scripts/bench"))
-    spec = importlib.util.spec_from_loader("ferrite_bench", loader)
-    bench = importlib.util.module_from_spec(spec)
-    loader.exec_module(bench)
+def write(r: dict, out: str, bench):
+    """The report; `bench` is scripts/bench's module (its CDF pictures)."""
     nets = r["networks"]
     rows = []
     for name, s in nets.items():
@@ -267,7 +261,7 @@ Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{
     print(md)  # noqa: T201 (the benchmark's report)
 
 
-def kubelet_bench(a, machine: str):
+def kubelet_bench(a, machine: str, bench):
     os.environ.update({"FERRITE_CLUSTER_DIR": "/run/ferrite-bench-kubelet", "FERRITE_CLUSTER_PREFIX": "fk",
                        "FERRITE_CLUSTER_BARE_NODES": "", "FERRITE_CLUSTER_CONTAINERD_LOG": "debug"})
     runs = 1 if a.quick else RUNS
@@ -292,4 +286,4 @@ def kubelet_bench(a, machine: str):
             r["networks"][name] = summarize(r["raw"][name])
     finally:
         subprocess.run([str(ROOT / "scripts/cluster"), "down"], check=False)
-    write(r, a.out)
+    write(r, a.out, bench)
