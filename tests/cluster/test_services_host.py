@@ -28,10 +28,9 @@ def hooks(cluster, node) -> int:
 
 def test_host_socket_hooks(cluster, agent, node, figures):
     want = 0 if cluster.kube_proxy else 8
-    got = wait_for(f"ferrite_services_host_socket_hooks {want} on {node}", 30,
-                   lambda: (lambda n: n if n == want else None)(hooks(cluster, node)))
+    wait_for(f"ferrite_services_host_socket_hooks {want} on {node}", 30, lambda: hooks(cluster, node) == want)
     mode = "kube-proxy runs" if cluster.kube_proxy else "no kube-proxy"
-    figures(f"{node} ({mode}): {got} host socket hooks of ferrite's attached")
+    figures(f"{node} ({mode}): {want} host socket hooks of ferrite's attached")
 
 
 def test_cluster_ip_from_node(cluster, workload, node, figures):
