@@ -29,16 +29,24 @@ def uninstalled(cluster, agent):
 
     def agents_gone():
         t0 = time.monotonic()
-        cluster.kubectl("delete", "-f", str(cluster.deploy_dir), "--wait=true", "--timeout=60s",
-                        timeout=90, check=False)
+        said = cluster.kubectl("delete", "-f", str(cluster.deploy_dir), "--wait=true", "--timeout=60s",
+                               timeout=90, check=False)
         returned = since(t0)
         try:
             wait_for("the agent pods to go", AGENTS_GONE_WITHIN,
                      lambda: not cluster.get("pods", "-l", "app.kubernetes.io/name=ferrite",
                                              namespace="kube-system")["items"])
         except ClusterError as e:
+            # What the cluster says about them, for whoever reads the failure.
+            pods = cluster.get("pods", "-l", "app.kubernetes.io/name=ferrite", namespace="kube-system")["items"]
+            state = [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("phase"),
+                      p["metadata"].get("deletionTimestamp"),
+                      [c.get("state") for c in p["status"].get("containerStatuses") or []]) for p in pods]
+            events = cluster.kubectl("-n", "kube-system", "get", "events", "--sort-by=.lastTimestamp",
+                                     check=False).splitlines()[-15:]
             raise AssertionError(f"agent pods still there {AGENTS_GONE_WITHIN} s after kubectl delete -f deploy/ "
-                                 f"returned ({returned:.1f} s)") from e
+                                 f"returned ({returned:.1f} s, saying {said.strip()!r}): {state}; "
+                                 f"events: {events}") from e
         return returned, since(t0)
 
     def uninstall(node):
