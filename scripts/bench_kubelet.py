@@ -66,10 +66,18 @@ class Watch:
         self.api = Api(c)
         self.api.conn.request("GET", f"/api/v1/namespaces/{ns}/pods?watch=1")
         self.resp = self.api.conn.getresponse()
+        # A watch may be quiet for longer than a request may take.
+        self.api.conn.sock.settimeout(None)
         self.thread = threading.Thread(target=self.read, daemon=True)
         self.thread.start()
 
     def read(self):
+        try:
+            self.events()
+        except (OSError, ValueError):
+            return  # closed by close(), or the server ended the watch
+
+    def events(self):
         buf = b""
         while True:
             chunk = self.resp.read1(65536)
@@ -235,7 +243,7 @@ def write(r: dict, out: str, bench):
     md = f"""# 100 pods at once through kubelet, {r['date']}
 
 {r['machine']}; a one-node cluster (scripts/cluster, Kubernetes v1.20.2, containerd {r.get('containerd', '?')}),
-{PODS} pods pinned to the node created by one `kubectl apply`, {RUNS} runs per network, all pods of all runs
+{r['pods']} pods pinned to the node created by one `kubectl apply`, {r['runs']} runs per network, all pods of all runs
 together (n = pods measured). RunPodSandbox and CNI set-up from containerd's log; creation to Ready from a watch.
 
 | network | n | RunPodSandbox p50 ms | p95 | p99 | CNI set-up p50 ms | p95 | p99 | creation to Ready p50 ms | p95 | p99 | CNI share of start-up (p50) |
