@@ -58,7 +58,7 @@ def conflist(name: str, main: dict, subnet: str) -> dict:
             "plugins": [m, {"type": "portmap", "capabilities": {"portMappings": True}}]}
 
 
-class Watch:
+class PodTimes:
     """Pods of a namespace as the API server reports them: when each was
     first seen and first seen Ready, by this process's clock. Lists the
     namespace's pods every 20 ms over a kept-open connection (a list of
@@ -154,7 +154,7 @@ class Bench:
     def run(self, network: str, n: int) -> dict:
         c, ns = self.c, f"kb-{network}-{n}"
         c.namespace(ns)
-        w = Watch(c, ns)
+        w = PodTimes(c, ns)
         try:
             t0 = time.monotonic()
             c.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",

@@ -76,10 +76,6 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out, "  - {} terminating", socket(b.addr, b.port))?;
         }
     }
-    let root = dp
-        .version_dir()
-        .parent()
-        .unwrap_or(std::path::Path::new("/"));
     writeln!(
         out,
         "{} frontends, {} backends, {} flows with a backend; NodePorts {}; the node's own sockets {}",
@@ -91,7 +87,7 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
         } else {
             "left to kube-proxy"
         },
-        if Datapath::host_sockets_attached(root) {
+        if Datapath::host_sockets_attached(dp.bpffs_root()) {
             "served (cgroup hooks)"
         } else {
             "left to kube-proxy"

@@ -57,13 +57,6 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 pub enum HostSockError {
     #[error("{path} is not a cgroup v2 directory (statfs f_type {f_type:#x}): the node's own sockets need cgroup v2 to reach Services without kube-proxy")]
     NotCgroup2 { path: PathBuf, f_type: i64 },
-    #[error("{call}({path}): {source}")]
-    Io {
-        call: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("the network namespace's cookie (getsockopt SO_NETNS_COOKIE): {0}")]
     NetnsCookie(#[source] io::Error),
     #[error("{what} {program}: {source}")]
@@ -121,36 +114,21 @@ pub fn netns_cookie() -> Result<u64, HostSockError> {
 pub fn cgroup2_root(mount: &Path) -> Option<PathBuf> {
     [mount.to_owned(), mount.join("unified")]
         .into_iter()
-        .find(|p| fs_type(p).is_ok_and(|t| t == CGROUP2_SUPER_MAGIC))
+        .find(|p| pin::statfs_type(p).is_ok_and(|t| t == CGROUP2_SUPER_MAGIC))
 }
 
-fn fs_type(path: &Path) -> io::Result<i64> {
-    let c = pin::c_path(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
-    Ok(st.f_type as i64)
-}
-
-fn open_cgroup(cgroup: &Path) -> Result<OwnedFd, HostSockError> {
-    let io = |call| {
-        move |source| HostSockError::Io {
-            call,
-            path: cgroup.to_owned(),
-            source,
-        }
-    };
-    let f_type = fs_type(cgroup).map_err(io("statfs"))?;
+fn open_cgroup(cgroup: &Path) -> Result<OwnedFd, DatapathError> {
+    let f_type = pin::statfs_type(cgroup).map_err(pin::io_err("statfs", cgroup))?;
     if f_type != CGROUP2_SUPER_MAGIC {
         return Err(HostSockError::NotCgroup2 {
             path: cgroup.to_owned(),
             f_type,
-        });
+        }
+        .into());
     }
-    Ok(std::fs::File::open(cgroup).map_err(io("open"))?.into())
+    Ok(std::fs::File::open(cgroup)
+        .map_err(pin::io_err("open", cgroup))?
+        .into())
 }
 
 /// What [`crate::Datapath::attach_host_sockets`] did to each hook.
@@ -182,7 +160,7 @@ impl crate::Datapath {
             sys::BPF_ANY,
         )
         .map_err(crate::maps::on(HOSTNS_MAP))?;
-        let root = self.version_dir().parent().unwrap_or(Path::new("/"));
+        let root = self.bpffs_root();
         let mut report = HostSockReport::default();
         let mut cgroup_fd = None;
         for p in PROGRAMS {

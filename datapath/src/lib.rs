@@ -275,6 +275,11 @@ impl Datapath {
         &self.version_dir
     }
 
+    /// The `bpffs_root` this datapath was opened under.
+    pub fn bpffs_root(&self) -> &Path {
+        self.version_dir.parent().unwrap_or(Path::new("/"))
+    }
+
     /// The program's fd: a duplicate of the one kept open for the pod
     /// programs (every ADD uses them), opened from its pin for the uplink's
     /// (only the agent uses those).

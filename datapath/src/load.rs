@@ -92,12 +92,18 @@ pub(crate) fn load_and_pin_uplink(dir: &Path) -> Result<(), LoadError> {
         }
         let work = dir.join(format!("tmp-{name}-{}", std::process::id()));
         load_one(dir, name, bytes, &work, &crate::LoadOptions::default())?;
-        std::fs::rename(&work, &path).map_err(|source| LoadError::Publish {
-            path: path.clone(),
-            source,
-        })?;
+        publish(&work, &path)?;
     }
     Ok(())
+}
+
+/// Renames a pin made under a work name into place: a pin that exists is
+/// whole.
+fn publish(work: &Path, path: &Path) -> Result<(), LoadError> {
+    std::fs::rename(work, path).map_err(|source| LoadError::Publish {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Loads the host socket programs ([`crate::host_sock::PROGRAMS`]) into the
@@ -138,10 +144,7 @@ pub(crate) fn load_and_pin_host_sock(dir: &Path) -> Result<(), LoadError> {
             path: work.clone(),
             source: Box::new(source),
         })?;
-        std::fs::rename(&work, &path).map_err(|source| LoadError::Publish {
-            path: path.clone(),
-            source,
-        })?;
+        publish(&work, &path)?;
     }
     Ok(())
 }

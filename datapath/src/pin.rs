@@ -106,7 +106,10 @@ pub enum PinError {
     Nul { path: PathBuf },
 }
 
-fn io_err<'a>(call: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PinError + 'a {
+pub(crate) fn io_err<'a>(
+    call: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> PinError + 'a {
     move |source| PinError::Io {
         call,
         path: path.to_owned(),
@@ -132,7 +135,8 @@ pub(crate) fn open_pin(path: &Path) -> Result<Option<OwnedFd>, PinError> {
     }
 }
 
-fn statfs_type(path: &Path) -> io::Result<i64> {
+/// The filesystem type (`f_type` of statfs(2)) `path` is on.
+pub(crate) fn statfs_type(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -212,21 +212,9 @@ impl<M: Message, T: Transport> Netlink<M, T> {
             return Ok(());
         }
         self.receive(what, |frame| {
-            let index = frame.seq.wrapping_sub(first) as usize;
-            let Some(request) = batch.requests.get(index) else {
+            let Some(index) = batch.answer(first, frame)? else {
                 return Ok(false);
             };
-            if frame.kind != NLMSG_ERROR {
-                return Ok(false);
-            }
-            let answer = ack(&request.what, frame)?;
-            if answer.errno != 0 && Some(answer.errno) != request.tolerated {
-                return Err(NetlinkError::kernel(
-                    request.what.clone(),
-                    answer.errno,
-                    answer.message,
-                ));
-            }
             if std::mem::take(&mut waiting[index]) {
                 left -= 1;
             }
@@ -279,21 +267,7 @@ impl<M: Message, T: Transport> Netlink<M, T> {
                     }
                 };
             }
-            let index = frame.seq.wrapping_sub(first) as usize;
-            let Some(request) = batch.requests.get(index) else {
-                return Ok(false);
-            };
-            if frame.kind != NLMSG_ERROR {
-                return Ok(false);
-            }
-            let answer = ack(&request.what, frame)?;
-            if answer.errno != 0 && Some(answer.errno) != request.tolerated {
-                return Err(NetlinkError::kernel(
-                    request.what.clone(),
-                    answer.errno,
-                    answer.message,
-                ));
-            }
+            batch.answer(first, frame)?;
             Ok(false)
         })?;
         Ok(reply)
@@ -396,6 +370,29 @@ impl<M> Default for Batch<M> {
 impl<M> Batch<M> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// `frame` seen as the answer to one of this batch's requests, whose
+    /// sequence numbers start at `first`: the request's index if it is an
+    /// ack of one, an error if it refuses one (unless the request
+    /// tolerates that errno), `None` if it answers none.
+    fn answer(&self, first: u32, frame: &Frame<'_>) -> Result<Option<usize>> {
+        let index = frame.seq.wrapping_sub(first) as usize;
+        let Some(request) = self.requests.get(index) else {
+            return Ok(None);
+        };
+        if frame.kind != NLMSG_ERROR {
+            return Ok(None);
+        }
+        let answer = ack(&request.what, frame)?;
+        if answer.errno != 0 && Some(answer.errno) != request.tolerated {
+            return Err(NetlinkError::kernel(
+                request.what.clone(),
+                answer.errno,
+                answer.message,
+            ));
+        }
+        Ok(Some(index))
     }
 
     pub fn push(&mut self, request: Request<M>) -> &mut Self {

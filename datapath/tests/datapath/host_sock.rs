@@ -214,7 +214,7 @@ fn host_sockets_reach_services_and_pods_keep_the_address() {
 
         let report = t.dp.attach_host_sockets(&cgroup.0).unwrap();
         assert_eq!(report.created, PROGRAMS.len());
-        let root = t.dp.version_dir().parent().unwrap().to_owned();
+        let root = t.dp.bpffs_root().to_owned();
         assert!(Datapath::host_sockets_attached(&root));
 
         assert_eq!(
