@@ -38,11 +38,11 @@ import harness  # noqa: E402  (tests/cluster's)
 from bench_services import Api, pct  # noqa: E402
 
 PODS = 100
-RUNS = 3
 REF = Path("/usr/lib/cni")
 
 PTP = {"type": "ptp", "ipMasq": False, "mtu": 1500}
 BRIDGE = {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True, "mtu": 1500}
+MAINS = {"ferrite": None, "ptp": PTP, "bridge": BRIDGE}
 
 
 def log(*a):
@@ -108,8 +108,28 @@ def stamp(s: str) -> float:
     return t + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-def sandbox_times(logfile: Path, ns: str) -> dict:
-    """pod name -> {"sandbox_ms", "cni_ms"} from containerd's log."""
+FERRITE_OK = re.compile(r"^(\d+\.\d+) INFO \[\d+\] ADD net=\S+ cid=([0-9a-f]+) if=\S+ ok in ([\d.]+) ms$")
+
+
+def plugin_times(logfile: Path) -> dict:
+    """sandbox id -> (start, end) in seconds of wall time, from ferrite's
+    own log ("ok in N ms", written as its ADD returns)."""
+    out = {}
+    if logfile.exists():
+        for line in logfile.read_text(errors="replace").splitlines():
+            m = FERRITE_OK.match(line)
+            if m:
+                end, took = float(m.group(1)), float(m.group(3)) / 1000
+                out[m.group(2)] = (end - took, end)
+    return out
+
+
+def sandbox_times(logfile: Path, ns: str, plugin: dict = None) -> dict:
+    """pod name -> {"sandbox_ms", "cni_ms"} from containerd's log, and with
+    `plugin` (ferrite's own ADD times by sandbox id) "plugin_ms" (ferrite's
+    ADD inside it), "before_ms" (CNI set-up begun to ferrite's ADD begun:
+    the loopback plugin, ferrite's exec and parsing) and "after_ms"
+    (ferrite's ADD done to CNI set-up done: its exit, then portmap)."""
     start, end, ids, cni0, cni1 = {}, {}, {}, {}, {}
     for line in logfile.read_text(errors="replace").splitlines():
         m = TS.match(line)
@@ -136,6 +156,10 @@ def sandbox_times(logfile: Path, ns: str) -> dict:
         if name in start and sid in cni0 and sid in cni1:
             out[name] = {"sandbox_ms": (end[name] - start[name]) * 1000,
                          "cni_ms": (cni1[sid] - cni0[sid]) * 1000}
+            if plugin and sid in plugin:
+                p0, p1 = plugin[sid]
+                out[name].update(plugin_ms=(p1 - p0) * 1000, before_ms=(p0 - cni0[sid]) * 1000,
+                                 after_ms=(cni1[sid] - p1) * 1000)
     return out
 
 
@@ -146,6 +170,7 @@ class Bench:
         self.netd = c.node_dir(self.node) / "fs/etc/cni/net.d"
         self.bin = c.node_dir(self.node) / "fs/opt/cni/bin"
         self.containerd_log = c.dir / "logs" / f"containerd-{self.node}.log"
+        self.plugin_log = c.node_dir(self.node) / "fs/var/log/ferrite/cni.log"
 
     def pods(self, ns: str) -> list:
         return [harness.pod_manifest(f"p-{i:03d}", ns, node=self.node, command="exec sleep 1000000", ports=())
@@ -165,7 +190,7 @@ class Bench:
             wall = max(w.ready.values()) - t0
         finally:
             w.close()
-        sb = sandbox_times(self.containerd_log, ns)
+        sb = sandbox_times(self.containerd_log, ns, plugin_times(self.plugin_log))
         pods = {}
         for name, seen in w.seen.items():
             if name in w.ready and name in sb:
@@ -203,9 +228,10 @@ def summarize(runs: list) -> dict:
     pods = [p for r in runs for p in r["pods"].values()]
     out = {"pods": len(pods), "missing": sum(r["missing"] for r in runs),
            "all_ready_s": [r["all_ready_s"] for r in runs]}
-    for k in ("sandbox_ms", "cni_ms", "ready_ms"):
-        xs = [p[k] for p in pods]
-        out[k] = {"p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99), "all": sorted(xs)}
+    for k in ("sandbox_ms", "cni_ms", "ready_ms", "plugin_ms", "before_ms", "after_ms"):
+        xs = [p[k] for p in pods if k in p]
+        if xs:
+            out[k] = {"p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99), "all": sorted(xs), "n": len(xs)}
     shares = sorted(p["cni_ms"] / p["ready_ms"] for p in pods if p["ready_ms"] > 0)
     out["share_p50"] = pct(shares, 50)
     return out
@@ -221,6 +247,15 @@ def write(r: dict, out: str, bench):
                     f"{s['cni_ms']['p99']:.2f} | {s['ready_ms']['p50']:.0f} | {s['ready_ms']['p95']:.0f} | "
                     f"{s['ready_ms']['p99']:.0f} | {100 * s['share_p50']:.1f} % |")
     f = nets.get("ferrite", {})
+    inside = ""
+    if "plugin_ms" in f:
+        part = [("ferrite's ADD, from its own log (the process's main to its answer)", "plugin_ms"),
+                ("CNI set-up begun to ferrite's ADD begun (the loopback plugin, ferrite's exec)", "before_ms"),
+                ("ferrite's ADD answered to CNI set-up done (ferrite's exit, portmap)", "after_ms")]
+        inside = ("Inside ferrite's CNI set-up (n = " + str(f["plugin_ms"]["n"]) + "):\n\n| part | p50 ms | p95 | p99 |\n"
+                  "|---|---|---|---|\n" + "\n".join(
+                      f"| {what} | {f[k]['p50']:.2f} | {f[k]['p95']:.2f} | {f[k]['p99']:.2f} |" for what, k in part)
+                  + "\n")
     ratios = []
     for ref in ("bridge", "ptp"):
         if ref in nets and f:
@@ -238,6 +273,7 @@ together (n = pods measured). RunPodSandbox and CNI set-up from containerd's log
 
 {chr(10).join('- ' + x for x in ratios)}
 
+{inside}
 Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{v:.1f}' for v in s['all_ready_s'])}" for k, s in nets.items())}.
 
 ![CDF](kubelet-cdf.svg)
@@ -258,7 +294,11 @@ Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{
 def kubelet_bench(a, machine: str, bench):
     os.environ.update({"FERRITE_CLUSTER_DIR": "/run/ferrite-bench-kubelet", "FERRITE_CLUSTER_PREFIX": "fk",
                        "FERRITE_CLUSTER_BARE_NODES": "", "FERRITE_CLUSTER_CONTAINERD_LOG": "debug"})
-    runs = 1 if a.quick else RUNS
+    runs = 1 if a.quick else a.runs
+    names = a.networks.split(",")
+    if any(n not in MAINS for n in names) or "ferrite" in names[1:]:
+        raise SystemExit(f"bench --kubelet: --networks takes some of {', '.join(MAINS)}, ferrite first "
+                         "(the others replace its DaemonSet)")
     global PODS
     if a.quick:
         PODS = 10
@@ -275,7 +315,7 @@ def kubelet_bench(a, machine: str, bench):
         # the image's snapshot, which is no network's cost.
         log("bench: kubelet: a warm-up round (not measured)")
         b.run("warmup", 0)
-        plan = [("ferrite", None), ("ptp", PTP), ("bridge", BRIDGE)]
+        plan = [(n, MAINS[n]) for n in names]
         for name, main in plan:
             if main is not None:
                 b.use_reference(name, main)

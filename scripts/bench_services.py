@@ -141,6 +141,7 @@ class Bench:
         c.apply(*objs)
         c.wait_pods_ready(NS, ["client", "srv-same", "srv-cross", "chg"], timeout=180)
         self.client = next(p for p in c.pods(NS) if p.name == "client")
+        self.pod_ip = {p.name: p.ip for p in c.pods(NS)}
         self.vip = {s: c.get("service", s, namespace=NS)["spec"]["clusterIP"]
                     for s in ("srv-same-rr", "srv-same-sink", "srv-cross-rr", "srv-cross-sink", "churn", "manual")}
 
@@ -199,8 +200,8 @@ class Bench:
         out = self.client.out(script, timeout=timeout)
         return out.split()
 
-    def rr(self, vip: str):
-        runs = [self.probe(f"probe rr {vip} 80 {self.seconds}", self.seconds + 60) for _ in range(self.reps)]
+    def rr(self, addr: str, port: int = 80):
+        runs = [self.probe(f"probe rr {addr} {port} {self.seconds}", self.seconds + 60) for _ in range(self.reps)]
         p50 = statistics.median(float(r[1]) for r in runs)
         p99 = statistics.median(float(r[2]) for r in runs)
         return {"p50_us": p50, "p99_us": p99, "round_trips": sum(int(r[0]) for r in runs)}
@@ -290,6 +291,9 @@ def write(r: dict, out: str):
                   f"{f['rr']['p50_us'] / k['rr']['p50_us']:.2f} |")
         dp.append(f"| {path} node | request/response p99 | {k['rr']['p99_us']:.1f} µs | {f['rr']['p99_us']:.1f} µs | "
                   f"{f['rr']['p99_us'] / k['rr']['p99_us']:.2f} |")
+        if "pod_rr" in f:
+            dp.append(f"| {path} node | request/response p50 to the pod's own address (no Service) | | "
+                      f"{f['pod_rr']['p50_us']:.1f} µs | {f['pod_rr']['p50_us'] / k['rr']['p50_us']:.2f} |")
         dp.append(f"| {path} node | TCP throughput | {k['tcp']['gbit_s']:.2f} Gbit/s | {f['tcp']['gbit_s']:.2f} Gbit/s | "
                   f"{f['tcp']['gbit_s'] / k['tcp']['gbit_s']:.2f} |")
     ch = r.get("churn", {})
@@ -351,6 +355,10 @@ def services_bench(a, machine: dict):
                 if n == counts[0]:
                     for path in ("same", "cross"):
                         m[path] = {"rr": b.rr(b.vip[f"srv-{path}-rr"]), "tcp": b.throughput(b.vip[f"srv-{path}-sink"])}
+                        if services == "on":
+                            # The same server by its pod address: the path
+                            # without a Service, the floor for either.
+                            m[path]["pod_rr"] = b.rr(b.pod_ip[f"srv-{path}"], 9003)
             if n == counts[-1]:
                 # The agent restarted for this mode: its CPU so far is its
                 # start plus programming every Service.

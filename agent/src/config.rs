@@ -37,6 +37,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The plugin's `logFile` in the conflist.
     pub cni_log_file: PathBuf,
+    /// The plugin's `logLevel` in the conflist (debug adds each ADD's
+    /// steps with their times).
+    pub cni_log_level: &'static str,
     pub mtu: u32,
     pub cluster_cidrs: Vec<IpNetwork>,
     /// The cluster's Service CIDRs (kube-apiserver's
@@ -102,6 +105,7 @@ impl Default for Config {
             cni_conf_dir: DEFAULT_CNI_CONF_DIR.into(),
             state_dir: DEFAULT_STATE_DIR.into(),
             cni_log_file: DEFAULT_CNI_LOG_FILE.into(),
+            cni_log_level: "info",
             mtu: DEFAULT_MTU,
             cluster_cidrs: Vec::new(),
             service_cidrs: Vec::new(),
@@ -193,6 +197,13 @@ pub struct Settings {
     #[arg(long, global = true, env = "FERRITE_CNI_LOG_FILE", value_name = "FILE",
           default_value = DEFAULT_CNI_LOG_FILE)]
     cni_log_file: PathBuf,
+
+    /// How much the plugin logs (its logLevel): debug adds each ADD's
+    /// steps with their times
+    #[arg(long, global = true, env = "FERRITE_CNI_LOG_LEVEL", value_name = "LEVEL",
+          default_value = "info",
+          value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug"]).map(cni_level))]
+    cni_log_level: &'static str,
 
     /// Pod MTU
     #[arg(long, global = true, env = "FERRITE_MTU", value_name = "BYTES",
@@ -333,6 +344,17 @@ fn level(value: String) -> log::LevelFilter {
     }
 }
 
+/// The plugin's level as its conflist spells it (one of the values the
+/// parser allows).
+fn cni_level(value: String) -> &'static str {
+    match value.as_str() {
+        "error" => "error",
+        "warn" => "warn",
+        "debug" => "debug",
+        _ => "info",
+    }
+}
+
 impl From<Settings> for Config {
     fn from(s: Settings) -> Self {
         let mut metrics_addr = s.metrics_addr;
@@ -348,6 +370,7 @@ impl From<Settings> for Config {
             cni_conf_dir: s.cni_conf_dir,
             state_dir: s.state_dir,
             cni_log_file: s.cni_log_file,
+            cni_log_level: s.cni_log_level,
             mtu: s.mtu,
             cluster_cidrs: s.cluster_cidr.into_iter().flatten().collect(),
             service_cidrs: s.service_cidr.into_iter().flatten().collect(),
@@ -567,6 +590,7 @@ mod tests {
             "--state-dir=/s",
             "--cni-log-file",
             "/l",
+            "--cni-log-level=debug",
             "--mtu=1450",
             "--metrics-addr",
             "127.0.0.1:1",
@@ -583,6 +607,7 @@ mod tests {
         assert_eq!(c.cni_conf_dir, PathBuf::from("/cc"));
         assert_eq!(c.state_dir, PathBuf::from("/s"));
         assert_eq!(c.cni_log_file, PathBuf::from("/l"));
+        assert_eq!(c.cni_log_level, "debug");
         assert_eq!(c.mtu, 1450);
         assert_eq!(c.metrics_addr, "127.0.0.1:1".parse().unwrap());
         assert_eq!(c.log_level, log::LevelFilter::Debug);
@@ -663,6 +688,17 @@ mod tests {
     }
 
     #[test]
+    fn the_plugins_log_level_is_one_it_knows() {
+        assert_eq!(parse(&[]).unwrap().cni_log_level, "info");
+        assert_eq!(parse(&["--cni-log-level=warn"]).unwrap().cni_log_level, "warn");
+        let (_, line) = refused(&["--cni-log-level=verbose"]);
+        assert!(
+            line.contains("'verbose'") && line.contains("--cni-log-level"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_flag() {
         let (kind, line) = refused(&["--nope"]);
         assert_eq!(kind, ErrorKind::UnknownArgument);
@@ -731,7 +767,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 25, "every setting has a variable");
+        assert_eq!(n, 26, "every setting has a variable");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub struct ConflistParams {
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub log_file: PathBuf,
+    pub log_level: &'static str,
 }
 
 /// The conflist, pretty-printed with a final newline. One range set per
@@ -50,7 +51,7 @@ pub fn render(p: &ConflistParams) -> String {
                 "bpffsRoot": p.bpffs_root,
                 "stateDir": p.state_dir,
                 "logFile": p.log_file,
-                "logLevel": "info",
+                "logLevel": p.log_level,
                 "capabilities": { "bandwidth": true }
             },
             {
@@ -75,6 +76,7 @@ mod tests {
             bpffs_root: "/sys/fs/bpf/ferrite".into(),
             state_dir: "/var/lib/ferrite".into(),
             log_file: "/var/log/ferrite/cni.log".into(),
+            log_level: "info",
         }
     }
 
@@ -96,6 +98,12 @@ mod tests {
         );
         assert_eq!(ferrite["bpffsRoot"], "/sys/fs/bpf/ferrite");
         assert_eq!(ferrite["stateDir"], "/var/lib/ferrite");
+        assert_eq!(ferrite["logLevel"], "info");
+        let debug = ConflistParams {
+            log_level: "debug",
+            ..params(&["10.244.1.0/24"])
+        };
+        assert_eq!(parsed(&debug)["plugins"][0]["logLevel"], "debug");
     }
 
     #[test]

@@ -485,6 +485,7 @@ impl NodeAgent {
             bpffs_root: self.cfg.bpffs_root.clone(),
             state_dir: self.cfg.state_dir.clone(),
             log_file: self.cfg.cni_log_file.clone(),
+            log_level: self.cfg.cni_log_level,
         });
         let path = self.cfg.conflist_path();
         let wrote =

@@ -68,6 +68,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_CNI_CONF_DIR", "/cc"),
             ("FERRITE_STATE_DIR", "/s"),
             ("FERRITE_CNI_LOG_FILE", "/l"),
+            ("FERRITE_CNI_LOG_LEVEL", "debug"),
             ("FERRITE_MTU", "1450"),
             ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16, fd00:244::/48"),
             ("FERRITE_SERVICE_CIDR", "10.96.0.0/16,fd00:96::/108"),
@@ -100,6 +101,7 @@ fn every_setting_has_its_variable() {
             cni_conf_dir: "/cc".into(),
             state_dir: "/s".into(),
             cni_log_file: "/l".into(),
+            cni_log_level: "debug",
             mtu: 1450,
             cluster_cidrs: vec![
                 "10.244.0.0/16".parse().unwrap(),
@@ -124,7 +126,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 25);
+    assert_eq!(variables().len(), 26);
 }
 
 #[test]
@@ -250,6 +252,7 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_MASQUERADE", "true"),
         ("FERRITE_FAST_PATH", "true"),
         ("FERRITE_METRICS_PORT", "9965"),
+        ("FERRITE_CNI_LOG_LEVEL", "info"),
     ]
     .into();
     let vars: Vec<(&str, &str)> = env_names.iter().map(|n| (*n, values[n])).collect();
@@ -261,6 +264,7 @@ fn the_daemonset_speaks_the_agents_flags() {
     assert!(c.network_policy);
     assert!(c.services);
     assert_eq!(c.plugin_source, PathBuf::from("/opt/ferrite/bin"));
+    assert_eq!(c.cni_log_level, "info");
 }
 
 fn agent(args: &[&str]) -> Output {
