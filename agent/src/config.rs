@@ -690,7 +690,10 @@ mod tests {
     #[test]
     fn the_plugins_log_level_is_one_it_knows() {
         assert_eq!(parse(&[]).unwrap().cni_log_level, "info");
-        assert_eq!(parse(&["--cni-log-level=warn"]).unwrap().cni_log_level, "warn");
+        assert_eq!(
+            parse(&["--cni-log-level=warn"]).unwrap().cni_log_level,
+            "warn"
+        );
         let (_, line) = refused(&["--cni-log-level=verbose"]);
         assert!(
             line.contains("'verbose'") && line.contains("--cni-log-level"),
