@@ -10,8 +10,8 @@ ceiling, in rotating order:
             plugin gets: "chainedBandwidth": true)
   redirect  bpf_redirect out of the destination's host veth instead of
             bpf_redirect_peer (a build with FERRITE_PLAIN_REDIRECT)
-  big-tcp   BIG TCP: GSO and GRO maximum 185,000 bytes on both ends of
-            both pods' veths
+  big-tcp   ferrite's bigTcp: IPv4 GSO and GRO maximum 196,608 bytes on
+            both ends of both pods' veths
   gro       GRO on the host veths (veth's NAPI receive path)
   rps       the host veths' and pods' receive queues spread by flow hash
             over every CPU (RPS)
@@ -37,16 +37,8 @@ __attribute__((section("xdp"), used)) int pass(struct xdp_md *ctx) { return XDP_
 char _license[] __attribute__((section("license"), used)) = "GPL";
 """
 
-BIG = 185000
-
-
 def variants(all_cpus: str):
     """(name, what, conf change, build, knob): knob(sh, node, pods, host_veths)."""
-    def big_tcp(sh, node, pods, veths):
-        # iproute2 6.1 has no gso_ipv4_max_size: this file's own netlink.
-        for ns, dev in [(node, v) for v in veths] + [(p, "eth0") for p in pods]:
-            sh(f"ip netns exec {ns} python3 {os.path.abspath(__file__)} big-tcp {dev} {BIG}")
-
     def gro(sh, node, pods, veths):
         for v in veths:
             sh(f"ip netns exec {node} ethtool -K {v} gro on")
@@ -65,7 +57,7 @@ def variants(all_cpus: str):
         ("baseline", "ferrite as it ships: clsact, bpf_redirect_peer", {}, None, None),
         ("tcx", "attached with TCX instead of clsact", {"chainedBandwidth": True}, None, None),
         ("redirect", "bpf_redirect out of the destination's host veth, not redirect_peer", {}, "redirect", None),
-        ("big-tcp", f"BIG TCP: GSO/GRO maximum {BIG} bytes on the pods' veths", {}, None, big_tcp),
+        ("big-tcp", "bigTcp: IPv4 GSO/GRO maximum 196,608 bytes on the pods' veths", {"bigTcp": True}, None, None),
         ("gro", "GRO on the host veths (veth's NAPI path)", {}, None, gro),
         ("rps", "RPS by flow hash over every CPU on the host veths and pods", {}, None, rps),
         ("xdp", "XDP_PASS, native, on the host veths", {}, None, xdp),
@@ -276,28 +268,3 @@ The baseline's programs with kernel.bpf_stats_enabled (a pass of its own; the st
         f.write(md)
     print(md)  # noqa: T201 (the benchmark's report)
 
-
-def set_gso_sizes(ifname: str, size: int):
-    """RTM_NEWLINK on `ifname` (in this process's namespace) with the GSO
-    and GRO maximum sizes, IPv6's and IPv4's, set to `size`."""
-    import socket
-    import struct
-    index = socket.if_nametoindex(ifname)
-    # IFLA_GSO_MAX_SIZE, IFLA_GRO_MAX_SIZE, IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE
-    attrs = b"".join(struct.pack("HHI", 8, t, size) for t in (41, 58, 63, 64))
-    body = struct.pack("BxHiII", 0, 0, index, 0, 0) + attrs
-    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    # RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK
-    nl.send(struct.pack("IHHII", 16 + len(body), 16, 0x1 | 0x4, 1, 0) + body)
-    reply = nl.recv(4096)
-    err = struct.unpack_from("i", reply, 16)[0]
-    if err:
-        raise OSError(-err, f"RTM_NEWLINK {ifname}: {os.strerror(-err)}")
-
-
-if __name__ == "__main__":
-    import sys
-    if len(sys.argv) == 4 and sys.argv[1] == "big-tcp":
-        set_gso_sizes(sys.argv[2], int(sys.argv[3]))
-    else:
-        sys.exit("usage: bench_experiments.py big-tcp IFNAME SIZE (scripts/bench --experiments runs the rest)")

@@ -40,6 +40,8 @@ pub struct Config {
     /// The plugin's `logLevel` in the conflist (debug adds each ADD's
     /// steps with their times).
     pub cni_log_level: &'static str,
+    /// IPv4 BIG TCP on pods' veth pairs (the plugin's `bigTcp`).
+    pub big_tcp: bool,
     pub mtu: u32,
     pub cluster_cidrs: Vec<IpNetwork>,
     /// The cluster's Service CIDRs (kube-apiserver's
@@ -106,6 +108,7 @@ impl Default for Config {
             state_dir: DEFAULT_STATE_DIR.into(),
             cni_log_file: DEFAULT_CNI_LOG_FILE.into(),
             cni_log_level: "info",
+            big_tcp: false,
             mtu: DEFAULT_MTU,
             cluster_cidrs: Vec::new(),
             service_cidrs: Vec::new(),
@@ -204,6 +207,14 @@ pub struct Settings {
           default_value = "info",
           value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug"]).map(cni_level))]
     cni_log_level: &'static str,
+
+    /// IPv4 BIG TCP on pods' veth pairs: packets of up to 192 KiB between
+    /// pods (the plugin's bigTcp). Only where every uplink carries them
+    /// (the flag alone: true)
+    #[arg(long, global = true, env = "FERRITE_BIG_TCP", value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false",
+          action = ArgAction::Set, value_parser = parse_bool)]
+    big_tcp: bool,
 
     /// Pod MTU
     #[arg(long, global = true, env = "FERRITE_MTU", value_name = "BYTES",
@@ -371,6 +382,7 @@ impl From<Settings> for Config {
             state_dir: s.state_dir,
             cni_log_file: s.cni_log_file,
             cni_log_level: s.cni_log_level,
+            big_tcp: s.big_tcp,
             mtu: s.mtu,
             cluster_cidrs: s.cluster_cidr.into_iter().flatten().collect(),
             service_cidrs: s.service_cidr.into_iter().flatten().collect(),
@@ -591,6 +603,7 @@ mod tests {
             "--cni-log-file",
             "/l",
             "--cni-log-level=debug",
+            "--big-tcp",
             "--mtu=1450",
             "--metrics-addr",
             "127.0.0.1:1",
@@ -608,6 +621,7 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/s"));
         assert_eq!(c.cni_log_file, PathBuf::from("/l"));
         assert_eq!(c.cni_log_level, "debug");
+        assert!(c.big_tcp);
         assert_eq!(c.mtu, 1450);
         assert_eq!(c.metrics_addr, "127.0.0.1:1".parse().unwrap());
         assert_eq!(c.log_level, log::LevelFilter::Debug);
@@ -690,6 +704,7 @@ mod tests {
     #[test]
     fn the_plugins_log_level_is_one_it_knows() {
         assert_eq!(parse(&[]).unwrap().cni_log_level, "info");
+        assert!(!parse(&[]).unwrap().big_tcp);
         assert_eq!(
             parse(&["--cni-log-level=warn"]).unwrap().cni_log_level,
             "warn"
@@ -770,7 +785,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 26, "every setting has a variable");
+        assert_eq!(n, 27, "every setting has a variable");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub struct ConflistParams {
     pub state_dir: PathBuf,
     pub log_file: PathBuf,
     pub log_level: &'static str,
+    pub big_tcp: bool,
 }
 
 /// The conflist, pretty-printed with a final newline. One range set per
@@ -39,7 +40,7 @@ pub fn render(p: &ConflistParams) -> String {
         .iter()
         .map(|c| json!([{ "subnet": c.to_string() }]))
         .collect();
-    let conf = json!({
+    let mut conf = json!({
         "cniVersion": "1.0.0",
         "cniVersions": ["1.0.0", "1.1.0"],
         "name": NETWORK_NAME,
@@ -60,6 +61,11 @@ pub fn render(p: &ConflistParams) -> String {
             }
         ]
     });
+    // Only when on: a conflist written before the setting existed stays
+    // byte for byte what it was.
+    if p.big_tcp {
+        conf["plugins"][0]["bigTcp"] = json!(true);
+    }
     let mut text = serde_json::to_string_pretty(&conf).expect("a JSON value serialises");
     text.push('\n');
     text
@@ -77,6 +83,7 @@ mod tests {
             state_dir: "/var/lib/ferrite".into(),
             log_file: "/var/log/ferrite/cni.log".into(),
             log_level: "info",
+            big_tcp: false,
         }
     }
 
@@ -104,6 +111,12 @@ mod tests {
             ..params(&["10.244.1.0/24"])
         };
         assert_eq!(parsed(&debug)["plugins"][0]["logLevel"], "debug");
+        assert!(ferrite.get("bigTcp").is_none());
+        let big = ConflistParams {
+            big_tcp: true,
+            ..params(&["10.244.1.0/24"])
+        };
+        assert_eq!(parsed(&big)["plugins"][0]["bigTcp"], true);
     }
 
     #[test]

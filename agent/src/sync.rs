@@ -486,6 +486,7 @@ impl NodeAgent {
             state_dir: self.cfg.state_dir.clone(),
             log_file: self.cfg.cni_log_file.clone(),
             log_level: self.cfg.cni_log_level,
+            big_tcp: self.cfg.big_tcp,
         });
         let path = self.cfg.conflist_path();
         let wrote =

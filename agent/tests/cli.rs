@@ -69,6 +69,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_STATE_DIR", "/s"),
             ("FERRITE_CNI_LOG_FILE", "/l"),
             ("FERRITE_CNI_LOG_LEVEL", "debug"),
+            ("FERRITE_BIG_TCP", "true"),
             ("FERRITE_MTU", "1450"),
             ("FERRITE_CLUSTER_CIDR", "10.244.0.0/16, fd00:244::/48"),
             ("FERRITE_SERVICE_CIDR", "10.96.0.0/16,fd00:96::/108"),
@@ -102,6 +103,7 @@ fn every_setting_has_its_variable() {
             state_dir: "/s".into(),
             cni_log_file: "/l".into(),
             cni_log_level: "debug",
+            big_tcp: true,
             mtu: 1450,
             cluster_cidrs: vec![
                 "10.244.0.0/16".parse().unwrap(),
@@ -126,7 +128,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 26);
+    assert_eq!(variables().len(), 27);
 }
 
 #[test]
@@ -253,6 +255,7 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_FAST_PATH", "true"),
         ("FERRITE_METRICS_PORT", "9965"),
         ("FERRITE_CNI_LOG_LEVEL", "info"),
+        ("FERRITE_BIG_TCP", "false"),
     ]
     .into();
     let vars: Vec<(&str, &str)> = env_names.iter().map(|n| (*n, values[n])).collect();
@@ -265,6 +268,7 @@ fn the_daemonset_speaks_the_agents_flags() {
     assert!(c.services);
     assert_eq!(c.plugin_source, PathBuf::from("/opt/ferrite/bin"));
     assert_eq!(c.cni_log_level, "info");
+    assert!(!c.big_tcp);
 }
 
 fn agent(args: &[&str]) -> Output {

@@ -70,6 +70,10 @@ pub struct Attachment {
     pub ifname: String,
 }
 
+/// GSO and GRO maximum for IPv4 on a pod's veth pair with `bigTcp`:
+/// three times the 64 KiB a packet may otherwise have, as Cilium uses.
+pub const BIG_TCP_SIZE: u32 = 196_608;
+
 /// The plugin's network configuration, validated.
 #[derive(Clone, Debug)]
 pub struct NetConf {
@@ -85,6 +89,9 @@ pub struct NetConf {
     /// chain and shapes; ferrite installs no qdisc and attaches with TCX so
     /// that the plugin's `ingress` qdisc can coexist.
     pub chained_bandwidth: bool,
+    /// `bigTcp`: IPv4 BIG TCP on the pod's veth pair (GSO and GRO up to
+    /// [`BIG_TCP_SIZE`]), for nodes whose uplinks carry such packets.
+    pub big_tcp: bool,
     pub runtime_config: RuntimeConfig,
     /// Addresses from `args.cni.ips`.
     pub args_ips: Vec<String>,
@@ -117,6 +124,8 @@ struct RawConf {
     log_level: Option<LogLevel>,
     #[serde(default)]
     chained_bandwidth: Option<bool>,
+    #[serde(default)]
+    big_tcp: Option<bool>,
     #[serde(default)]
     runtime_config: Option<RuntimeConfig>,
     #[serde(default)]
@@ -243,6 +252,7 @@ impl NetConf {
             log_file,
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
             chained_bandwidth: raw.chained_bandwidth.unwrap_or(false),
+            big_tcp: raw.big_tcp.unwrap_or(false),
             runtime_config: raw.runtime_config.unwrap_or_default(),
             args_ips,
             prev_result: raw.prev_result,

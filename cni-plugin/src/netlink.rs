@@ -46,6 +46,8 @@ pub struct Link {
     pub peer_index: Option<u32>,
     /// IFLA_LINK_NETNSID: the peer's namespace, as this one numbers it.
     pub peer_netnsid: Option<i32>,
+    /// IFLA_GSO_IPV4_MAX_SIZE, where the kernel reports it.
+    pub gso_ipv4_max: Option<u32>,
 }
 
 /// A route as CHECK compares it.
@@ -120,23 +122,19 @@ impl Netlink {
         peer_netns: BorrowedFd<'_>,
     ) -> Result<Option<Link>> {
         let mut peer_msg = LinkMessage::default();
-        peer_msg.attributes = vec![
-            LinkAttribute::IfName(peer.name.to_string()),
-            LinkAttribute::Mtu(peer.mtu),
-            LinkAttribute::Address(peer.mac.to_vec()),
-            LinkAttribute::NetNsFd(peer_netns.as_raw_fd()),
-        ];
+        peer_msg.attributes = peer.attributes();
+        peer_msg
+            .attributes
+            .push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
         let mut msg = LinkMessage::default();
-        msg.attributes = vec![
-            LinkAttribute::IfName(host.name.to_string()),
-            LinkAttribute::Mtu(host.mtu),
-            LinkAttribute::Address(host.mac.to_vec()),
+        msg.attributes = host.attributes();
+        msg.attributes.extend([
             LinkAttribute::Group(host_group),
             LinkAttribute::LinkInfo(vec![
                 LinkInfo::Kind(InfoKind::Veth),
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
             ]),
-        ];
+        ]);
         let mut make = Batch::new();
         make.push(
             Request::new(
@@ -491,6 +489,25 @@ pub struct VethEnd<'a> {
     pub name: &'a str,
     pub mtu: u32,
     pub mac: [u8; 6],
+    /// IPv4 GSO and GRO maximum size (BIG TCP), if not the kernel's 64 KiB.
+    pub gso_ipv4_max: Option<u32>,
+}
+
+impl VethEnd<'_> {
+    /// The end's attributes in the create message (besides the peer's
+    /// namespace and the host end's group and kind).
+    fn attributes(&self) -> Vec<LinkAttribute> {
+        let mut attrs = vec![
+            LinkAttribute::IfName(self.name.to_string()),
+            LinkAttribute::Mtu(self.mtu),
+            LinkAttribute::Address(self.mac.to_vec()),
+        ];
+        if let Some(size) = self.gso_ipv4_max {
+            attrs.push(LinkAttribute::GsoIpv4MaxSize(size));
+            attrs.push(LinkAttribute::GroIpv4MaxSize(size));
+        }
+        attrs
+    }
 }
 
 /// A route as `route_add` installs it.
@@ -514,6 +531,7 @@ impl Link {
             kind: None,
             peer_index: None,
             peer_netnsid: None,
+            gso_ipv4_max: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -525,6 +543,7 @@ impl Link {
                 // 0 is "no link", as the kernel reports a device without one.
                 LinkAttribute::Link(i) if *i != 0 => link.peer_index = Some(*i),
                 LinkAttribute::LinkNetNsId(id) => link.peer_netnsid = Some(*id),
+                LinkAttribute::GsoIpv4MaxSize(size) => link.gso_ipv4_max = Some(*size),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {

@@ -48,6 +48,8 @@ pub struct PodSpec<'a> {
     /// The alias set with the link up, for people reading `ip link`.
     pub alias: &'a str,
     pub mtu: u32,
+    /// IPv4 GSO/GRO maximum of both ends (BIG TCP), if not the default.
+    pub gso_ipv4_max: Option<u32>,
     pub ips: &'a [IpAddr],
 }
 
@@ -79,11 +81,13 @@ pub fn create(
         name: host_name,
         mtu,
         mac: host_mac,
+        gso_ipv4_max: spec.gso_ipv4_max,
     };
     let peer = VethEnd {
         name: ifname,
         mtu,
         mac: pod_mac,
+        gso_ipv4_max: spec.gso_ipv4_max,
     };
     let made = match host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
         Ok(made) => made,

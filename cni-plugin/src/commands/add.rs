@@ -210,6 +210,7 @@ fn setup(
         group: naming::host_veth_group(&conf.name),
         alias: &naming::host_veth_alias(&conf.name),
         mtu: conf.mtu,
+        gso_ipv4_max: conf.big_tcp.then_some(crate::config::BIG_TCP_SIZE),
         ips,
     };
     let link = veth::create(host_nl, pod_nl, netns, &spec)?;

@@ -377,6 +377,7 @@ fn bad_inputs_get_clear_errors_and_change_nothing() {
             7,
         ),
         ("mtu wrong type", with("mtu", json!("big")), vec![], 7),
+        ("bigTcp wrong type", with("bigTcp", json!("yes")), vec![], 7),
         (
             "container id escapes",
             serde_json::to_vec(&good).unwrap(),
