@@ -16,7 +16,7 @@ network's chain); and, from the API server, the time from the pod's
 creation to its Ready condition. P50/P95/P99 of each, per network, and the network's share of pod start-up (CNI set-up over
 creation to Ready, per pod, median). Creation and Ready are when a list of
 the namespace's pods (every 20 ms, on a kept-open connection) first shows
-the pod and first shows it Ready. Takes about 12 minutes; never
+the pod and first shows it Ready. Takes about 20 minutes; never
 asserts. Writes OUT/kubelet.json, kubelet.md and kubelet-cdf.svg.
 """
 import json
