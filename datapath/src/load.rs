@@ -74,8 +74,9 @@ const POD_OBJECTS: usize = 2;
 /// Loads the pod programs' objects, pinning their maps (by name, shared
 /// between objects) and their programs into `dir`.
 pub(crate) fn load_and_pin(dir: &Path, options: &crate::LoadOptions) -> Result<(), LoadError> {
+    let mut loader = loader(dir, options);
     for (name, bytes) in &OBJECTS[..POD_OBJECTS] {
-        load_one(dir, name, bytes, &dir.join(name), options)?;
+        load_one(&mut loader, dir, name, bytes, &dir.join(name))?;
     }
     Ok(())
 }
@@ -85,14 +86,18 @@ pub(crate) fn load_and_pin(dir: &Path, options: &crate::LoadOptions) -> Result<(
 /// and renamed into place, so a pin that exists is whole. Two racing
 /// loaders each publish a valid program; the later rename wins.
 pub(crate) fn load_and_pin_uplink(dir: &Path) -> Result<(), LoadError> {
-    for (name, bytes) in &OBJECTS[POD_OBJECTS..] {
-        let path = dir.join(name);
-        if path.exists() {
-            continue;
-        }
+    let missing: Vec<_> = OBJECTS[POD_OBJECTS..]
+        .iter()
+        .filter(|(name, _)| !dir.join(name).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut loader = loader(dir, &crate::LoadOptions::default());
+    for (name, bytes) in missing {
         let work = dir.join(format!("tmp-{name}-{}", std::process::id()));
-        load_one(dir, name, bytes, &work, &crate::LoadOptions::default())?;
-        publish(&work, &path)?;
+        load_one(&mut loader, dir, name, bytes, &work)?;
+        publish(&work, &dir.join(name))?;
     }
     Ok(())
 }
@@ -116,10 +121,10 @@ pub(crate) fn load_and_pin_host_sock(dir: &Path) -> Result<(), LoadError> {
     }
     let object = "host_sock";
     let mut ebpf = load_object(
+        &mut loader(dir, &crate::LoadOptions::default()),
         dir,
         object,
         HOST_SOCK_OBJECT,
-        &crate::LoadOptions::default(),
     )?;
     for p in programs {
         let path = dir.join(p.name);
@@ -149,16 +154,13 @@ pub(crate) fn load_and_pin_host_sock(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Loads object `name` with its maps pinned by name in `dir`, the state
-/// maps in the shared state directory.
-fn load_object(
-    dir: &Path,
-    name: &'static str,
-    bytes: &[u8],
-    options: &crate::LoadOptions,
-) -> Result<Ebpf, LoadError> {
+/// A loader that pins maps by name in `dir`, the state maps in the shared
+/// state directory. Make one per load and give it every object: aya's
+/// `EbpfLoader::new` parses /sys/kernel/btf/vmlinux (30–55 ms here) each
+/// time, though ferrite, without CO-RE relocations, then tells it to use
+/// none.
+fn loader<'a>(dir: &Path, options: &crate::LoadOptions) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
-    // Never parse /sys/kernel/btf/vmlinux: ferrite has no CO-RE relocations.
     loader.btf(None).default_map_pin_directory(dir);
     if let Some(n) = options.conntrack_entries {
         loader.map_max_entries("ferrite_ct", n);
@@ -171,6 +173,16 @@ fn load_object(
     for m in crate::pin::STATE_MAPS {
         loader.map_pin_path(m, crate::pin::map_path(dir, m));
     }
+    loader
+}
+
+/// Loads object `name` with `loader` (see [`loader`]).
+fn load_object(
+    loader: &mut EbpfLoader<'_>,
+    dir: &Path,
+    name: &'static str,
+    bytes: &[u8],
+) -> Result<Ebpf, LoadError> {
     loader.load(bytes).map_err(|source| LoadError::Object {
         object: name,
         pin_dir: dir.to_owned(),
@@ -179,13 +191,13 @@ fn load_object(
 }
 
 fn load_one(
+    loader: &mut EbpfLoader<'_>,
     dir: &Path,
     name: &'static str,
     bytes: &[u8],
     pin: &Path,
-    options: &crate::LoadOptions,
 ) -> Result<(), LoadError> {
-    let mut ebpf = load_object(dir, name, bytes, options)?;
+    let mut ebpf = load_object(loader, dir, name, bytes)?;
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(LoadError::MissingProgram { object: name })?
