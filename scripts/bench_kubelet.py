@@ -294,6 +294,8 @@ Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{
 def kubelet_bench(a, machine: str, bench):
     os.environ.update({"FERRITE_CLUSTER_DIR": "/run/ferrite-bench-kubelet", "FERRITE_CLUSTER_PREFIX": "fk",
                        "FERRITE_CLUSTER_BARE_NODES": "", "FERRITE_CLUSTER_CONTAINERD_LOG": "debug"})
+    if a.cni_log_level:
+        os.environ["FERRITE_CLUSTER_CNI_LOG_LEVEL"] = a.cni_log_level
     runs = 1 if a.quick else a.runs
     names = a.networks.split(",")
     if any(n not in MAINS for n in names) or "ferrite" in names[1:]:

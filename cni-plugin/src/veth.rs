@@ -50,7 +50,6 @@ pub struct PodSpec<'a> {
     pub mtu: u32,
     /// IPv4 GSO/GRO maximum of both ends (BIG TCP), if not the default.
     pub gso_ipv4_max: Option<u32>,
-    pub ips: &'a [IpAddr],
 }
 
 /// What ADD made, as the datapath and the result need it.
@@ -59,63 +58,81 @@ pub struct PodLink {
     pub pod_mac: [u8; 6],
 }
 
-/// Creates the veth pair (host side in our namespace, pod side created
-/// directly in the pod's), sets it up, and configures both ends. On error
-/// the host veth, which takes its peer and every route and neighbour with
-/// it, is deleted again.
-pub fn create(
+fn ends<'a>(spec: &PodSpec<'a>) -> (VethEnd<'a>, VethEnd<'a>) {
+    let [host_mac, pod_mac] = naming::random_macs::<2>();
+    let end = |name, mac| VethEnd {
+        name,
+        mtu: spec.mtu,
+        mac,
+        gso_ipv4_max: spec.gso_ipv4_max,
+    };
+    (end(spec.host_name, host_mac), end(spec.ifname, pod_mac))
+}
+
+/// Makes the veth pair, the host end in the node's namespace and the pod
+/// end directly in the pod's, with one message: the first thing ADD asks
+/// of the kernel, so that the common case takes no look-up first.
+/// `Ok(None)` when a name is taken (EEXIST: the host veth's name in the
+/// node, or `CNI_IFNAME` in the pod): nothing was made, and the caller
+/// decides whether what holds the name may go ([`make_pair`] after it).
+pub fn try_make_pair(
     host_nl: &mut Netlink,
-    pod_nl: &mut Netlink,
     netns: &File,
     spec: &PodSpec<'_>,
-) -> CniResult<PodLink> {
-    let PodSpec {
-        host_name,
-        ifname,
-        group,
-        mtu,
-        ..
-    } = *spec;
-    let [host_mac, pod_mac] = naming::random_macs::<2>();
-    let host = VethEnd {
-        name: host_name,
-        mtu,
-        mac: host_mac,
-        gso_ipv4_max: spec.gso_ipv4_max,
-    };
-    let peer = VethEnd {
-        name: ifname,
-        mtu,
-        mac: pod_mac,
-        gso_ipv4_max: spec.gso_ipv4_max,
-    };
-    let made = match host_nl.link_add_veth(&host, group, &peer, netns.as_fd()) {
+) -> CniResult<Option<PodLink>> {
+    let (host, peer) = ends(spec);
+    match host_nl.link_add_veth(&host, spec.group, &peer, netns.as_fd()) {
+        Ok(made) => made_pair(spec, made, peer.mac).map(Some),
+        Err(e) if e.errno() == Some(libc::EEXIST) => Ok(None),
+        Err(e) => Err(kernel_error("cannot create the veth pair", &e)),
+    }
+}
+
+/// As [`try_make_pair`], once the caller has cleared the pod's side of
+/// what held a name: a host veth of this network still holding its name
+/// (left by a killed ADD) is removed and the pair made once more.
+pub fn make_pair(host_nl: &mut Netlink, netns: &File, spec: &PodSpec<'_>) -> CniResult<PodLink> {
+    let (host, peer) = ends(spec);
+    let made = match host_nl.link_add_veth(&host, spec.group, &peer, netns.as_fd()) {
         Ok(made) => made,
         Err(e) if e.errno() != Some(libc::EEXIST) => {
             return Err(kernel_error("cannot create the veth pair", &e));
         }
-        Err(e) => retry_over_leftover(host_nl, netns, &host, group, &peer, e)?,
+        Err(e) => retry_over_leftover(host_nl, netns, &host, spec.group, &peer, e)?,
     };
-    let Some(host_link) = made else {
+    made_pair(spec, made, peer.mac)
+}
+
+fn made_pair(spec: &PodSpec<'_>, made: Option<Link>, pod_mac: [u8; 6]) -> CniResult<PodLink> {
+    let Some(host) = made else {
         return Err(CniError::new(
             Code::Kernel,
-            format!("host veth {host_name} vanished after creation"),
+            format!("host veth {} vanished after creation", spec.host_name),
         ));
     };
+    log::debug!("veth pair made");
     crate::failpoint::hit("add-veth-created");
-    let configured = configure(host_nl, pod_nl, netns, &host_link, spec, pod_mac);
-    match configured {
-        Ok(()) => Ok(PodLink {
-            host: host_link,
-            pod_mac,
-        }),
-        Err(err) => {
-            if let Err(undo) = host_nl.link_del(host_link.index) {
-                log::warn!("rollback: cannot delete {host_name}: {undo}");
-            }
-            Err(err)
+    Ok(PodLink { host, pod_mac })
+}
+
+/// Configures both ends of a pair [`make_pair`] made for `ips`. On error
+/// the host veth, which takes its peer and every route and neighbour with
+/// it, is deleted again.
+pub fn configure_pair(
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    netns: &File,
+    link: &PodLink,
+    spec: &PodSpec<'_>,
+    ips: &[IpAddr],
+) -> CniResult<()> {
+    let configured = configure(host_nl, pod_nl, netns, &link.host, spec, ips, link.pod_mac);
+    if configured.is_err() {
+        if let Err(undo) = host_nl.link_del(link.host.index) {
+            log::warn!("rollback: cannot delete {}: {undo}", spec.host_name);
         }
     }
+    configured
 }
 
 /// The veth pair's creation failed with EEXIST (`e`): our host name is
@@ -157,11 +174,13 @@ fn configure(
     netns: &File,
     host: &Link,
     spec: &PodSpec<'_>,
+    ips: &[IpAddr],
     pod_mac: [u8; 6],
 ) -> CniResult<()> {
-    let (ifname, ips) = (spec.ifname, spec.ips);
+    let ifname = spec.ifname;
     if !ips.iter().any(IpAddr::is_ipv6) {
         host_ipv6_off(&host.name)?;
+        log::debug!("IPv6 off on the host veth");
     }
     // The pod end's index, as the host end reports its peer (IFLA_LINK):
     // no lookup in the pod needed.
@@ -195,6 +214,7 @@ fn configure(
     host_nl
         .apply(host_side)
         .map_err(|e| kernel_error("cannot configure the host veth", &e))?;
+    log::debug!("host veth configured");
 
     // Pod side: lo up, address, eth0 up, gateway neighbour, default route,
     // in this order (the route needs the device up), in one datagram.

@@ -50,14 +50,79 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
             log::warn!("repair after loading the datapath failed: {e}");
         }
     }
-    // A veth of ours that is down, or that no endpoint entry points at, is a
-    // retired or half-made one (a DEL whose reaper has not finished, a
-    // killed ADD): remove it and whatever map entries point at it; its peer
-    // leaves the pod with it. (Rare: only when a veth of our name exists.)
+    let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
+        .map_err(|e| veth::kernel_error("cannot open netlink in the pod namespace", &e))?;
+    mark("pod namespace open");
+
+    // The pair is made first, before any look-up: each request that needs
+    // the kernel's RTNL lock waits behind every other one on a busy node
+    // (100 pods at once through kubelet: up to a second each). Only when a
+    // name is taken does ADD look at who holds it.
+    let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
+    let alias = naming::host_veth_alias(&conf.name);
+    let spec = veth::PodSpec {
+        host_name: &host_name,
+        ifname: &env.ifname,
+        group: naming::host_veth_group(&conf.name),
+        alias: &alias,
+        mtu: conf.mtu,
+        gso_ipv4_max: conf.big_tcp.then_some(crate::config::BIG_TCP_SIZE),
+    };
+    let link = match veth::try_make_pair(&mut host_nl, &netns, &spec)? {
+        Some(link) => link,
+        None => {
+            clear_name_holders(conf, env, &dp, &mut host_nl, &mut pod_nl, &netns)?;
+            veth::make_pair(&mut host_nl, &netns, &spec)?
+        }
+    };
+    // Refusals (a full pool) come after the pair exists: it goes again.
+    let ips = match addresses::allocate(conf, env, pool.as_ref()) {
+        Ok(ips) => ips,
+        Err(err) => {
+            if let Err(undo) = host_nl.link_del(link.host.index) {
+                log::warn!("rollback: cannot delete {host_name}: {undo}");
+            }
+            return Err(err);
+        }
+    };
+    mark("addresses allocated");
+    crate::failpoint::hit("add-allocated");
+    let mut handles = Handles {
+        host_nl,
+        pod_nl,
+        netns,
+    };
+    let made = setup(conf, env, &dp, &mut handles, &spec, &link, &ips, &limits);
+    mark("pod set up");
+    match made {
+        Ok(out) => Ok(out),
+        Err(err) => {
+            if let Err(undo) = addresses::release(conf, env) {
+                log::warn!("rollback: cannot release {ips:?}: {undo}");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// The pair's creation found a name taken: the host veth's (in the node)
+/// or `CNI_IFNAME` (in the pod). A veth of ours that is down, or that no
+/// endpoint entry points at, is a retired or half-made one (a DEL whose
+/// reaper has not finished, a killed ADD): it goes with whatever map
+/// entries point at it, and its peer leaves the pod with it. An interface
+/// in the pod that is not such a leftover is refused (104) and left alone.
+fn clear_name_holders(
+    conf: &NetConf,
+    env: &CniEnv,
+    dp: &Datapath,
+    host_nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    netns: &std::fs::File,
+) -> CniResult<()> {
     let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
     let group = naming::host_veth_group(&conf.name);
     let alias = naming::host_veth_alias(&conf.name);
-    if let Some(l) = veth::find_host_veth(&mut host_nl, &host_name, group)? {
+    if let Some(l) = veth::find_host_veth(host_nl, &host_name, group)? {
         let complete = l.up
             && l.alias.as_deref() == Some(alias.as_str())
             && dp
@@ -81,37 +146,15 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
             }
         }
     }
-    let mut pod_nl = Netlink::in_netns(std::os::fd::AsFd::as_fd(&netns))
-        .map_err(|e| veth::kernel_error("cannot open netlink in the pod namespace", &e))?;
-    // The interface must not exist yet, unless it is ferrite's own from an
+    // The interface must not exist, unless it is ferrite's own from an
     // earlier container of this namespace, waiting for its reaper.
     if let Some(existing) = pod_nl
         .link_get(&env.ifname)
         .map_err(|e| veth::kernel_error("cannot look up the pod interface", &e))?
     {
-        reclaim_retired(conf, env, &dp, &mut host_nl, &mut pod_nl, &netns, &existing)?;
+        reclaim_retired(conf, env, dp, host_nl, pod_nl, netns, &existing)?;
     }
-    mark("pod namespace open");
-
-    let ips = addresses::allocate(conf, env, pool.as_ref())?;
-    mark("addresses allocated");
-    crate::failpoint::hit("add-allocated");
-    let mut handles = Handles {
-        host_nl,
-        pod_nl,
-        netns,
-    };
-    let made = setup(conf, env, &dp, &mut handles, &ips, &limits);
-    mark("pod set up");
-    match made {
-        Ok(out) => Ok(out),
-        Err(err) => {
-            if let Err(undo) = addresses::release(conf, env) {
-                log::warn!("rollback: cannot release {ips:?}: {undo}");
-            }
-            Err(err)
-        }
-    }
+    Ok(())
 }
 
 /// ADD found `existing` under the pod's interface name. A runtime that
@@ -190,11 +233,14 @@ fn reclaim_retired(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn setup(
     conf: &NetConf,
     env: &CniEnv,
     dp: &Datapath,
     handles: &mut Handles,
+    spec: &veth::PodSpec<'_>,
+    link: &veth::PodLink,
     ips: &[IpAddr],
     limits: &bandwidth::Limits,
 ) -> CniResult<CniOutput> {
@@ -203,17 +249,9 @@ fn setup(
         pod_nl,
         netns,
     } = handles;
-    let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
-    let spec = veth::PodSpec {
-        host_name: &host_name,
-        ifname: &env.ifname,
-        group: naming::host_veth_group(&conf.name),
-        alias: &naming::host_veth_alias(&conf.name),
-        mtu: conf.mtu,
-        gso_ipv4_max: conf.big_tcp.then_some(crate::config::BIG_TCP_SIZE),
-        ips,
-    };
-    let link = veth::create(host_nl, pod_nl, netns, &spec)?;
+    let host_name = spec.host_name.to_string();
+    veth::configure_pair(host_nl, pod_nl, netns, link, spec, ips)?;
+    log::debug!("pod interface configured");
     // With a chained bandwidth plugin, that plugin shapes; ferrite only
     // leaves room for its qdiscs and routes the pod's traffic through them.
     let shaped = if conf.chained_bandwidth {
@@ -246,6 +284,7 @@ fn setup(
         )
         .map_err(|e| datapath_error("cannot attach the datapath to the host veth", &e))
         .and_then(|()| {
+            log::debug!("programs attached");
             crate::failpoint::hit("add-attached");
             // Before the endpoint is visible: in a namespace with policies
             // it starts closed, and stays so until the agent programs it.
