@@ -255,8 +255,8 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb)
 #define FLOW_REJECT 100
 
 static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
-				 int kind, int nat_ok, struct endpoint **dst,
-				 int *dir, __u32 ifindex)
+				 int kind, int nat_ok, __u32 l4_off,
+				 struct endpoint **dst, int *dir, __u32 ifindex)
 {
 	int svc_kind = nat_ok ? kind : FLOW_OTHER;
 	int ret;
@@ -288,6 +288,9 @@ static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 		if (s->nat.what & SVC_NAT_DST)
 			*dst = bpf_map_lookup_elem(&ferrite_endpts, &s->key.daddr);
 	}
+	if (*dir == XLATE_NONE && nat_ok && kind == FLOW_OK &&
+	    s->key.proto == IPPROTO_TCP)
+		svc_forget_reused(skb, l4_off);
 	ret = check_policy(&s->key, kind, *dst, ifindex);
 	if (ret)
 		return ret;
@@ -351,6 +354,7 @@ static __noinline int handle_ipv4(struct __sk_buff *skb,
 	struct endpoint *dst = NULL;
 	union v6addr saddr;
 	int via_stack, dir, ret;
+	__u32 l4_off;
 
 	if (!sc)
 		return DROP_MALFORMED;
@@ -365,8 +369,9 @@ static __noinline int handle_ipv4(struct __sk_buff *skb,
 		return ret;
 	via_stack = ret == TC_ACT_UNSPEC;
 
-	ret = judge(skb, sc, flow_of_ipv4(skb, &sc->key, ETH_HLEN), 1, &dst,
-		    &dir, ifindex);
+	l4_off = ETH_HLEN + (ip->ihl & 0xf) * 4;
+	ret = judge(skb, sc, flow_of_ipv4(skb, &sc->key, ETH_HLEN), 1, l4_off,
+		    &dst, &dir, ifindex);
 	if (ret == FLOW_REJECT)
 		return reject(skb, sc->key.proto, ifindex);
 	if (settled(ret))
@@ -509,7 +514,8 @@ static __noinline int handle_ipv6(struct __sk_buff *skb,
 	/* Translation rewrites a transport header right after the IPv6 one. */
 	nat_ok = ip6->nexthdr == sc->key.proto;
 
-	ret = judge(skb, sc, kind, nat_ok, &dst, &dir, ifindex);
+	ret = judge(skb, sc, kind, nat_ok, ETH_HLEN + sizeof(struct ipv6hdr),
+		    &dst, &dir, ifindex);
 	if (ret == FLOW_REJECT)
 		return reject(skb, sc->key.proto, ifindex);
 	if (settled(ret))

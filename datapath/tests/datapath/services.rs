@@ -877,3 +877,92 @@ fn a_new_service_flow_is_not_taken_for_an_old_stack_flow() {
         }
     });
 }
+
+/// A TCP frame `from` sends with these flags (SYN 0x02, SYN-ACK 0x12).
+fn sent_tcp(from: &Pod, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = tcp(sport, dport);
+    h[13] = flags;
+    h[16..18].copy_from_slice(&[0, 0]);
+    let sum = checksum(&[pseudo(from.ip, dst, IPPROTO_TCP, h.len()), h.clone()].concat());
+    h[16..18].copy_from_slice(&sum.to_be_bytes());
+    ip(from.mac, from.host_mac, from.ip, dst, IPPROTO_TCP, 64, &h)
+}
+
+/// A client reuses a port of a connection that went through a Service,
+/// now to the backend's own address: the new connection's answers arrive
+/// as they were sent, not rewritten to the Service's address (where the
+/// client's socket would drop them), and a later connection through the
+/// Service on that port is translated both ways again.
+#[test]
+fn a_reused_client_port_to_the_backend_itself_is_not_translated() {
+    if !privileged("a_reused_client_port_to_the_backend_itself_is_not_translated") {
+        return;
+    }
+    in_netns(|| {
+        let t = node("svcreuse");
+        let dev = devices(4);
+        let m = t.dp.service_maps().unwrap();
+        for (f, n) in families() {
+            let i = usize::from(n / 10) * 2;
+            let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
+            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            let vip = addr(f.vip);
+            service(
+                &m,
+                fe(f.vip, 80, IPPROTO_TCP),
+                1 + u32::from(n),
+                &[(b.ip, 8080, false)],
+                None,
+            );
+            let through_service = |what: &str| {
+                let (_, out) = run(
+                    &t,
+                    Program::FromPod,
+                    &sent_tcp(&a, vip, 40000, 80, 0x02),
+                    a.ifindex,
+                );
+                assert_eq!(
+                    seen(&out),
+                    (a.ip, 40000, b.ip, 8080),
+                    "{what}: to the backend"
+                );
+                let (_, out) = run(
+                    &t,
+                    Program::FromPod,
+                    &sent_tcp(&b, a.ip, 8080, 40000, 0x12),
+                    b.ifindex,
+                );
+                assert_eq!(
+                    seen(&out),
+                    (vip, 80, a.ip, 40000),
+                    "{what}: the answer from the Service"
+                );
+            };
+            through_service("first connection");
+
+            // The same client port, to the backend's own address.
+            let (v, out) = run(
+                &t,
+                Program::FromPod,
+                &sent_tcp(&a, b.ip, 40000, 8080, 0x02),
+                a.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT);
+            assert_eq!(seen(&out), (a.ip, 40000, b.ip, 8080), "direct: as sent");
+            let (v, out) = run(
+                &t,
+                Program::FromPod,
+                &sent_tcp(&b, a.ip, 8080, 40000, 0x12),
+                b.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT);
+            assert_eq!(
+                seen(&out),
+                (b.ip, 8080, a.ip, 40000),
+                "direct: the answer as the backend sent it"
+            );
+
+            through_service("a later connection through the Service");
+        }
+    });
+}
