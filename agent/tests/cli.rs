@@ -16,7 +16,16 @@ use ferrite_agent::config::{self, Config, Invocation};
 static ENV: Mutex<()> = Mutex::new(());
 
 /// Every variable the agent reads.
+/// The agent's variables. `config::command()` drops the name of a
+/// variable that is set but empty (another test may be setting one right
+/// now): read under the environment's lock.
 fn variables() -> Vec<String> {
+    let _held = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    variables_unlocked()
+}
+
+/// [`variables`] for a caller that holds the environment's lock.
+fn variables_unlocked() -> Vec<String> {
     config::command()
         .get_arguments()
         .filter_map(|a| a.get_env())
@@ -28,7 +37,7 @@ fn variables() -> Vec<String> {
 /// set; the environment is put back afterwards.
 fn run_with(vars: &[(&str, &str)], args: &[&str]) -> Result<Config, clap::Error> {
     let _held = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let saved: Vec<(String, Option<std::ffi::OsString>)> = variables()
+    let saved: Vec<(String, Option<std::ffi::OsString>)> = variables_unlocked()
         .into_iter()
         .map(|n| {
             let v = std::env::var_os(&n);
