@@ -15,8 +15,7 @@ use ferrite_agent::config::{self, Config, Invocation};
 
 static ENV: Mutex<()> = Mutex::new(());
 
-/// Every variable the agent reads.
-/// The agent's variables. `config::command()` drops the name of a
+/// Every variable the agent reads. `config::command()` drops the name of a
 /// variable that is set but empty (another test may be setting one right
 /// now): read under the environment's lock.
 fn variables() -> Vec<String> {

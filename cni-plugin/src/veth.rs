@@ -128,11 +128,18 @@ pub fn configure_pair(
 ) -> CniResult<()> {
     let configured = configure(host_nl, pod_nl, netns, &link.host, spec, ips, link.pod_mac);
     if configured.is_err() {
-        if let Err(undo) = host_nl.link_del(link.host.index) {
-            log::warn!("rollback: cannot delete {}: {undo}", spec.host_name);
-        }
+        undo_pair(host_nl, link);
     }
     configured
+}
+
+/// Rollback of a later step of ADD: the pair goes (its host end takes its
+/// peer, routes and neighbours with it); a failure is only logged, since
+/// the step's own error is the one ADD reports.
+pub fn undo_pair(host_nl: &mut Netlink, link: &PodLink) {
+    if let Err(undo) = host_nl.link_del(link.host.index) {
+        log::warn!("rollback: cannot delete {}: {undo}", link.host.name);
+    }
 }
 
 /// The veth pair's creation failed with EEXIST (`e`): our host name is

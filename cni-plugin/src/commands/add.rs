@@ -71,7 +71,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     let link = match veth::try_make_pair(&mut host_nl, &netns, &spec)? {
         Some(link) => link,
         None => {
-            clear_name_holders(conf, env, &dp, &mut host_nl, &mut pod_nl, &netns)?;
+            clear_name_holders(conf, env, &spec, &dp, &mut host_nl, &mut pod_nl, &netns)?;
             veth::make_pair(&mut host_nl, &netns, &spec)?
         }
     };
@@ -79,9 +79,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     let ips = match addresses::allocate(conf, env, pool.as_ref()) {
         Ok(ips) => ips,
         Err(err) => {
-            if let Err(undo) = host_nl.link_del(link.host.index) {
-                log::warn!("rollback: cannot delete {host_name}: {undo}");
-            }
+            veth::undo_pair(&mut host_nl, &link);
             return Err(err);
         }
     };
@@ -114,17 +112,15 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
 fn clear_name_holders(
     conf: &NetConf,
     env: &CniEnv,
+    spec: &veth::PodSpec<'_>,
     dp: &Datapath,
     host_nl: &mut Netlink,
     pod_nl: &mut Netlink,
     netns: &std::fs::File,
 ) -> CniResult<()> {
-    let host_name = naming::host_veth_name(&env.container_id, &env.ifname);
-    let group = naming::host_veth_group(&conf.name);
-    let alias = naming::host_veth_alias(&conf.name);
-    if let Some(l) = veth::find_host_veth(host_nl, &host_name, group)? {
+    if let Some(l) = veth::find_host_veth(host_nl, spec.host_name, spec.group)? {
         let complete = l.up
-            && l.alias.as_deref() == Some(alias.as_str())
+            && l.alias.as_deref() == Some(spec.alias)
             && dp
                 .endpoints()
                 .map_err(|e| datapath_error("cannot read the endpoint map", &e))?
@@ -260,9 +256,7 @@ fn setup(
         bandwidth::apply(limits, host_nl, link.host.index, pod_nl, &env.ifname)
     };
     if let Err(err) = shaped {
-        if let Err(undo) = host_nl.link_del(link.host.index) {
-            log::warn!("rollback: cannot delete {host_name}: {undo}");
-        }
+        veth::undo_pair(host_nl, link);
         return Err(err);
     }
     let endpoint = Endpoint {
@@ -335,9 +329,7 @@ fn setup(
         if let Err(undo) = dp.forget_endpoint_policy(link.host.index) {
             log::warn!("rollback: cannot clear the endpoint's policy: {undo}");
         }
-        if let Err(undo) = host_nl.link_del(link.host.index) {
-            log::warn!("rollback: cannot delete {host_name}: {undo}");
-        }
+        veth::undo_pair(host_nl, link);
         return Err(err);
     }
 

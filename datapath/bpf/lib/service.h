@@ -528,7 +528,7 @@ __noinline int svc_reverse(int kind)
 
 /*
  * A pod's TCP packet that is neither translated nor a translated flow's
- * answer (@key, its transport header at @l4_off): if it opens a
+ * answer (the scratch key, its transport header at @l4_off): if it opens a
  * connection (SYN without ACK) on the very ports of an earlier flow that
  * was translated to this destination (its client port reused, now to the
  * backend's own address), that flow is over, and its reverse entry would
@@ -538,24 +538,19 @@ __noinline int svc_reverse(int kind)
  */
 __noinline int svc_forget_reused(struct __sk_buff *skb, __u32 l4_off)
 {
-	struct flow_key rk = {}, ck = {};
+	struct flow_key rk, ck = {};
 	struct scratch *s = scratch();
-	struct flow_key *key;
 	struct svc_rev *rev;
 	__u8 flags = 0;
 
 	if (!s || !skb)
 		return 0;
-	key = &s->key;
 	if (bpf_skb_load_bytes(skb, l4_off + 13, &flags, 1) < 0)
 		return 0;
 	if ((flags & 0x12) != 0x02)	/* SYN, not SYN-ACK */
 		return 0;
-	rk.saddr = key->daddr;
-	rk.daddr = key->saddr;
-	rk.sport = key->dport;
-	rk.dport = key->sport;
-	rk.proto = key->proto;
+	rk = s->key;
+	flow_reverse(&rk);
 	rev = bpf_map_lookup_elem(&ferrite_svcrev, &rk);
 	if (!rev)
 		return 0;
@@ -563,7 +558,7 @@ __noinline int svc_forget_reused(struct __sk_buff *skb, __u32 l4_off)
 	ck.daddr = rev->vip;
 	ck.sport = rev->cport;
 	ck.dport = rev->vport;
-	ck.proto = key->proto;
+	ck.proto = rk.proto;
 	bpf_map_delete_elem(&ferrite_svcct, &ck);
 	bpf_map_delete_elem(&ferrite_svcrev, &rk);
 	return 1;

@@ -122,11 +122,16 @@ fn fe(vip: &str, port: u16, proto: u8) -> Frontend {
 
 /// The transport header with a correct checksum (pseudo-header included).
 fn l4(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
-    let mut h = if proto == IPPROTO_TCP {
+    let h = if proto == IPPROTO_TCP {
         tcp(sport, dport)
     } else {
         udp(sport, dport)
     };
+    with_checksum(src, dst, proto, h)
+}
+
+/// `h`, a transport header, with its checksum filled in.
+fn with_checksum(src: IpAddr, dst: IpAddr, proto: u8, mut h: Vec<u8>) -> Vec<u8> {
     let at = if proto == IPPROTO_TCP { 16 } else { 6 };
     h[at..at + 2].copy_from_slice(&[0, 0]);
     let sum = checksum(&[pseudo(src, dst, proto, h.len()), h.clone()].concat());
@@ -882,9 +887,7 @@ fn a_new_service_flow_is_not_taken_for_an_old_stack_flow() {
 fn sent_tcp(from: &Pod, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut h = tcp(sport, dport);
     h[13] = flags;
-    h[16..18].copy_from_slice(&[0, 0]);
-    let sum = checksum(&[pseudo(from.ip, dst, IPPROTO_TCP, h.len()), h.clone()].concat());
-    h[16..18].copy_from_slice(&sum.to_be_bytes());
+    let h = with_checksum(from.ip, dst, IPPROTO_TCP, h);
     ip(from.mac, from.host_mac, from.ip, dst, IPPROTO_TCP, 64, &h)
 }
 
