@@ -97,17 +97,24 @@ impl Netlink {
     /// named after its request, is the error. The kernel carries on with
     /// the requests after a refused one; callers undo the whole set.
     pub fn apply(&mut self, requests: Vec<Req>) -> Result<()> {
+        self.apply_after(Vec::new(), requests)
+    }
+
+    /// [`Netlink::apply`], with requests built elsewhere (the datapath's
+    /// clsact attach) first in the same datagram.
+    pub fn apply_after(
+        &mut self,
+        first: Vec<Request<RouteNetlinkMessage>>,
+        requests: Vec<Req>,
+    ) -> Result<()> {
         let mut batch = Batch::new();
+        for r in first {
+            batch.push(r);
+        }
         for r in requests {
             batch.push(Request::new(r.what, r.msg, r.flags));
         }
         self.nl.batch(batch.ack_last_only())
-    }
-
-    /// The socket itself, for requests built elsewhere (the datapath's
-    /// clsact attach).
-    pub fn socket(&mut self) -> &mut RouteNetlink {
-        &mut self.nl
     }
 
     /// `ip link add <host> mtu M address A group G type veth peer name <peer> netns <fd> mtu M address B`

@@ -10,6 +10,8 @@ use std::path::Path;
 use crate::error::{CniError, CniResult, Code};
 use crate::naming::{self, gateway_for};
 use crate::netlink::{Link, Netlink, NetlinkError, Req, RouteSpec, VethEnd};
+use ferrite_netlink::Request;
+use netlink_packet_route::RouteNetlinkMessage;
 
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
@@ -115,9 +117,12 @@ fn made_pair(spec: &PodSpec<'_>, made: Option<Link>, pod_mac: [u8; 6]) -> CniRes
     Ok(PodLink { host, pod_mac })
 }
 
-/// Configures both ends of a pair [`make_pair`] made for `ips`. On error
-/// the host veth, which takes its peer and every route and neighbour with
-/// it, is deleted again.
+/// Configures both ends of a pair [`make_pair`] made for `ips`; `attach`
+/// (the datapath's clsact requests, or none) goes first in the host veth's
+/// datagram, so that the programs are in place before the veth is up and
+/// ADD waits for the RTNL lock once for both. On error the host veth,
+/// which takes its peer, filters, routes and neighbours with it, is
+/// deleted again.
 pub fn configure_pair(
     host_nl: &mut Netlink,
     pod_nl: &mut Netlink,
@@ -125,8 +130,9 @@ pub fn configure_pair(
     link: &PodLink,
     spec: &PodSpec<'_>,
     ips: &[IpAddr],
+    attach: Vec<Request<RouteNetlinkMessage>>,
 ) -> CniResult<()> {
-    let configured = configure(host_nl, pod_nl, netns, &link.host, spec, ips, link.pod_mac);
+    let configured = configure(host_nl, pod_nl, netns, link, spec, ips, attach);
     if configured.is_err() {
         undo_pair(host_nl, link);
     }
@@ -179,11 +185,12 @@ fn configure(
     host_nl: &mut Netlink,
     pod_nl: &mut Netlink,
     netns: &File,
-    host: &Link,
+    link: &PodLink,
     spec: &PodSpec<'_>,
     ips: &[IpAddr],
-    pod_mac: [u8; 6],
+    attach: Vec<Request<RouteNetlinkMessage>>,
 ) -> CniResult<()> {
+    let (host, pod_mac) = (&link.host, link.pod_mac);
     let ifname = spec.ifname;
     if !ips.iter().any(IpAddr::is_ipv6) {
         host_ipv6_off(&host.name)?;
@@ -205,8 +212,9 @@ fn configure(
         pod_ipv6_sysctls(netns, ifname)?;
     }
 
-    // Host side: up, a route to each pod address, and its neighbour entry
-    // so the host never has to ARP for the pod. One datagram, one answer.
+    // Host side: the programs (if `attach` has them), up, a route to each
+    // pod address, and its neighbour entry so the host never has to ARP
+    // for the pod. One datagram, one answer.
     let mut host_side = vec![Req::link_set_up(host.index, Some(spec.alias))];
     for ip in ips {
         let len = if ip.is_ipv4() { 32 } else { 128 };
@@ -218,9 +226,13 @@ fn configure(
         }));
         host_side.push(Req::neigh_add_permanent(host.index, *ip, pod_mac));
     }
+    let attaching = !attach.is_empty();
     host_nl
-        .apply(host_side)
+        .apply_after(attach, host_side)
         .map_err(|e| kernel_error("cannot configure the host veth", &e))?;
+    if attaching {
+        log::debug!("programs attached");
+    }
     log::debug!("host veth configured");
 
     // Pod side: lo up, address, eth0 up, gateway neighbour, default route,

@@ -427,31 +427,25 @@ impl Datapath {
     /// replaces only ferrite's programs (another version's included).
     pub fn attach(&self, ifindex: u32, mode: AttachMode) -> Result<(), DatapathError> {
         match mode {
-            AttachMode::Clsact => {
-                self.attach_with(&mut ferrite_netlink::route::open()?, ifindex, mode)
-            }
-            AttachMode::Tcx => self.attach_tcx(ifindex),
-        }
-    }
-
-    /// [`Datapath::attach`] over `nl`, a netlink socket the caller already
-    /// has in the veth's namespace (ADD's own): the clsact requests need
-    /// no socket of their own. TCX attaches by bpf(2) and ignores `nl`.
-    pub fn attach_with(
-        &self,
-        nl: &mut ferrite_netlink::route::RouteNetlink,
-        ifindex: u32,
-        mode: AttachMode,
-    ) -> Result<(), DatapathError> {
-        match mode {
             AttachMode::Clsact => Ok(tc::attach(
-                nl,
+                &mut ferrite_netlink::route::open()?,
                 ifindex,
                 self.from_pod.as_fd(),
                 self.to_pod.as_fd(),
             )?),
             AttachMode::Tcx => self.attach_tcx(ifindex),
         }
+    }
+
+    /// The clsact attach as requests for the caller's own datagram to the
+    /// veth's namespace (ADD sends them with the host veth's
+    /// configuration: one wait for the RTNL lock instead of two). In
+    /// order: the qdisc, tolerated if it exists, then the two filters.
+    pub fn attach_requests(
+        &self,
+        ifindex: u32,
+    ) -> [ferrite_netlink::Request<netlink_packet_route::RouteNetlinkMessage>; 3] {
+        tc::attach_requests(ifindex, self.from_pod.as_fd(), self.to_pod.as_fd())
     }
 
     fn attach_tcx(&self, ifindex: u32) -> Result<(), DatapathError> {

@@ -3,8 +3,9 @@
 //! netlink layer (no `tc`, no name lookups).
 //!
 //! One `sendmsg` carries the three requests (qdisc, ingress filter, egress
-//! filter); only the last asks for an ack, and the kernel answers the
-//! others only if it refuses them (`Batch::ack_last_only`): one receive. Filters use a fixed
+//! filter), ADD's in the host veth's own datagram; only the last asks for
+//! an ack, and the kernel answers the others only if it refuses them
+//! (`Batch::ack_last_only`): one receive. Filters use a fixed
 //! priority and handle, so attaching again replaces ferrite's own filters and
 //! nobody else's. A clsact filter lives and dies with the veth; nothing to
 //! clean up on DEL.
@@ -86,34 +87,46 @@ fn bpf_filter(
     RouteNetlinkMessage::NewTrafficFilter(msg)
 }
 
-/// The attach batch: the qdisc (an existing clsact is what we want) and
-/// ferrite's two filters, acked by the last one's answer.
+/// The attach requests: the qdisc (an existing clsact is what we want)
+/// and ferrite's two filters, in this order. ADD sends them in the host
+/// veth's own datagram ([`crate::Datapath::attach_requests`]), so a pod
+/// pays one RTNL wait fewer; [`attach`] sends them alone.
+pub(crate) fn attach_requests(
+    ifindex: u32,
+    from_pod: BorrowedFd<'_>,
+    to_pod: BorrowedFd<'_>,
+) -> [Request<RouteNetlinkMessage>; 3] {
+    [
+        Request::new(
+            format!("RTM_NEWQDISC clsact on ifindex {ifindex}"),
+            clsact(ifindex),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .tolerating(libc::EEXIST),
+        Request::new(
+            format!("RTM_NEWTFILTER ingress from_pod on ifindex {ifindex}"),
+            bpf_filter(ifindex, INGRESS_PARENT, from_pod, "ferrite_from_pod"),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        ),
+        Request::new(
+            format!("RTM_NEWTFILTER egress to_pod on ifindex {ifindex}"),
+            bpf_filter(ifindex, EGRESS_PARENT, to_pod, "ferrite_to_pod"),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        ),
+    ]
+}
+
+/// The attach requests alone in one batch, acked by the last one's answer.
 fn attach_batch(
     ifindex: u32,
     from_pod: BorrowedFd<'_>,
     to_pod: BorrowedFd<'_>,
 ) -> Batch<RouteNetlinkMessage> {
     let mut batch = Batch::new();
-    batch
-        .push(
-            Request::new(
-                format!("RTM_NEWQDISC clsact on ifindex {ifindex}"),
-                clsact(ifindex),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .tolerating(libc::EEXIST),
-        )
-        .push(Request::new(
-            format!("RTM_NEWTFILTER ingress from_pod on ifindex {ifindex}"),
-            bpf_filter(ifindex, INGRESS_PARENT, from_pod, "ferrite_from_pod"),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        ))
-        .push(Request::new(
-            format!("RTM_NEWTFILTER egress to_pod on ifindex {ifindex}"),
-            bpf_filter(ifindex, EGRESS_PARENT, to_pod, "ferrite_to_pod"),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        ))
-        .ack_last_only();
+    for request in attach_requests(ifindex, from_pod, to_pod) {
+        batch.push(request);
+    }
+    batch.ack_last_only();
     batch
 }
 

@@ -246,7 +246,14 @@ fn setup(
         netns,
     } = handles;
     let host_name = spec.host_name.to_string();
-    veth::configure_pair(host_nl, pod_nl, netns, link, spec, ips)?;
+    // Clsact's qdisc and filters ride in the host veth's datagram; TCX
+    // (beside a chained bandwidth plugin) attaches by bpf(2) below.
+    let attach = if conf.chained_bandwidth {
+        Vec::new()
+    } else {
+        dp.attach_requests(link.host.index).into()
+    };
+    veth::configure_pair(host_nl, pod_nl, netns, link, spec, ips, attach)?;
     log::debug!("pod interface configured");
     // With a chained bandwidth plugin, that plugin shapes; ferrite only
     // leaves room for its qdiscs and routes the pod's traffic through them.
@@ -266,19 +273,15 @@ fn setup(
         host_mac: link.host.mac,
     };
     crate::failpoint::hit("add-configured");
-    let wired = dp
-        .attach_with(
-            host_nl.socket(),
-            link.host.index,
-            if conf.chained_bandwidth {
-                AttachMode::Tcx
-            } else {
-                AttachMode::Clsact
-            },
-        )
+    let tcx = if conf.chained_bandwidth {
+        dp.attach(link.host.index, AttachMode::Tcx)
+            .inspect(|()| log::debug!("programs attached"))
+    } else {
+        Ok(())
+    };
+    let wired = tcx
         .map_err(|e| datapath_error("cannot attach the datapath to the host veth", &e))
         .and_then(|()| {
-            log::debug!("programs attached");
             crate::failpoint::hit("add-attached");
             // Before the endpoint is visible: in a namespace with policies
             // it starts closed, and stays so until the agent programs it.
