@@ -202,6 +202,31 @@ class Bench:
         log(f"    deleted in {time.monotonic() - t1:.1f} s")
         return {"pods": pods, "all_ready_s": wall, "apply_s": applied, "missing": PODS - len(pods)}
 
+    def install(self, binary: Path):
+        """`binary` as the node's ferrite plugin, replaced in one rename."""
+        tmp = self.bin / ".ferrite.ab"
+        shutil.copy2(binary, tmp)
+        tmp.rename(self.bin / "ferrite")
+
+    def alternate(self, other: Path, runs: int) -> tuple:
+        """`runs` runs each of the installed ferrite and of `other`, in
+        turns (A B B A ...: both meet the same moments of the machine, and
+        neither always goes first); the installed plugin is back in place
+        at the end."""
+        this = self.bin.parent / ".ferrite.this"
+        shutil.copy2(self.bin / "ferrite", this)
+        mine, theirs = [], []
+        turns = [(this, "ferrite", mine), (other, "ferrite-ab", theirs)]
+        try:
+            for n in range(1, runs + 1):
+                for binary, name, out in turns if n % 2 else turns[::-1]:
+                    self.install(binary)
+                    out.append(self.run(name, n))
+        finally:
+            self.install(this)
+            this.unlink()
+        return mine, theirs
+
     def use_reference(self, name: str, main: dict):
         """ferrite's DaemonSet gone (once), and only `name`'s conflist."""
         c = self.c
@@ -237,6 +262,19 @@ def summarize(runs: list) -> dict:
     return out
 
 
+def inside_table(who: str, f: dict) -> str:
+    """Where `who`'s CNI set-up goes, by ferrite's own log."""
+    if "plugin_ms" not in f:
+        return ""
+    part = [("ferrite's ADD, from its own log (the process's main to its answer)", "plugin_ms"),
+            ("CNI set-up begun to ferrite's ADD begun (the loopback plugin, ferrite's exec)", "before_ms"),
+            ("ferrite's ADD answered to CNI set-up done (ferrite's exit, portmap)", "after_ms")]
+    return (f"Inside {who}'s CNI set-up (n = {f['plugin_ms']['n']}):\n\n| part | p50 ms | p95 | p99 |\n"
+            "|---|---|---|---|\n" + "\n".join(
+                f"| {what} | {f[k]['p50']:.2f} | {f[k]['p95']:.2f} | {f[k]['p99']:.2f} |" for what, k in part)
+            + "\n\n")
+
+
 def write(r: dict, out: str, bench):
     """The report; `bench` is scripts/bench's module (its CDF pictures)."""
     nets = r["networks"]
@@ -247,16 +285,20 @@ def write(r: dict, out: str, bench):
                     f"{s['cni_ms']['p99']:.2f} | {s['ready_ms']['p50']:.0f} | {s['ready_ms']['p95']:.0f} | "
                     f"{s['ready_ms']['p99']:.0f} | {100 * s['share_p50']:.1f} % |")
     f = nets.get("ferrite", {})
-    inside = ""
-    if "plugin_ms" in f:
-        part = [("ferrite's ADD, from its own log (the process's main to its answer)", "plugin_ms"),
-                ("CNI set-up begun to ferrite's ADD begun (the loopback plugin, ferrite's exec)", "before_ms"),
-                ("ferrite's ADD answered to CNI set-up done (ferrite's exit, portmap)", "after_ms")]
-        inside = ("Inside ferrite's CNI set-up (n = " + str(f["plugin_ms"]["n"]) + "):\n\n| part | p50 ms | p95 | p99 |\n"
-                  "|---|---|---|---|\n" + "\n".join(
-                      f"| {what} | {f[k]['p50']:.2f} | {f[k]['p95']:.2f} | {f[k]['p99']:.2f} |" for what, k in part)
-                  + "\n")
+    inside = "".join(inside_table(who, nets[who]) for who in ("ferrite", "ferrite-ab") if who in nets)
     ratios = []
+    if "ferrite-ab" in nets and f:
+        g = nets["ferrite-ab"]
+        ratios.append(f"ferrite-ab is {r['ab']}; this build's / its: CNI set-up P95 "
+                      f"{f['cni_ms']['p95'] / g['cni_ms']['p95']:.3f}, ferrite's own ADD P95 "
+                      f"{f['plugin_ms']['p95'] / g['plugin_ms']['p95']:.3f}")
+    per_run = ""
+    for who in ("ferrite", "ferrite-ab"):
+        ps = [[p["plugin_ms"] for p in run["pods"].values() if "plugin_ms" in p] for run in r["raw"].get(who, [])]
+        if any(ps):
+            per_run += (f"\n{who}'s own ADD per run, p50 / p95 / max ms (ADDs over a second): " + "; ".join(
+                f"{pct(xs, 50):.0f} / {pct(xs, 95):.0f} / {max(xs):.0f} ({sum(x > 1000 for x in xs)})"
+                for xs in ps if xs) + ".\n")
     for ref in ("bridge", "ptp"):
         if ref in nets and f:
             ratios.append(f"ferrite's CNI set-up P95 / {ref}'s: {f['cni_ms']['p95'] / nets[ref]['cni_ms']['p95']:.3f}; "
@@ -275,6 +317,7 @@ together (n = pods measured). RunPodSandbox and CNI set-up from containerd's log
 
 {inside}
 Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{v:.1f}' for v in s['all_ready_s'])}" for k, s in nets.items())}.
+{per_run}
 
 ![CDF](kubelet-cdf.svg)
 """
@@ -322,7 +365,12 @@ def kubelet_bench(a, machine: str, bench):
             if main is not None:
                 b.use_reference(name, main)
             log(f"bench: kubelet: {name}")
-            r["raw"][name] = [b.run(name, n) for n in range(1, runs + 1)]
+            if name == "ferrite" and a.ab:
+                r["ab"] = os.path.abspath(a.ab)
+                r["raw"]["ferrite"], r["raw"]["ferrite-ab"] = b.alternate(Path(r["ab"]), runs)
+                r["networks"]["ferrite-ab"] = summarize(r["raw"]["ferrite-ab"])
+            else:
+                r["raw"][name] = [b.run(name, n) for n in range(1, runs + 1)]
             r["networks"][name] = summarize(r["raw"][name])
     finally:
         subprocess.run([str(ROOT / "scripts/cluster"), "down"], check=False)
