@@ -96,23 +96,15 @@ impl Netlink {
     /// answer to the last (`Batch::ack_last_only`): the first refusal,
     /// named after its request, is the error. The kernel carries on with
     /// the requests after a refused one; callers undo the whole set.
-    pub fn apply(&mut self, requests: Vec<Req>) -> Result<()> {
-        self.apply_after(Vec::new(), requests)
-    }
-
-    /// [`Netlink::apply`], with requests built elsewhere (the datapath's
-    /// clsact attach) first in the same datagram.
-    pub fn apply_after(
+    /// Requests built elsewhere (the datapath's clsact attach) may be among
+    /// them.
+    pub fn apply<R: Into<Request<RouteNetlinkMessage>>>(
         &mut self,
-        first: Vec<Request<RouteNetlinkMessage>>,
-        requests: Vec<Req>,
+        requests: impl IntoIterator<Item = R>,
     ) -> Result<()> {
         let mut batch = Batch::new();
-        for r in first {
-            batch.push(r);
-        }
         for r in requests {
-            batch.push(Request::new(r.what, r.msg, r.flags));
+            batch.push(r.into());
         }
         self.nl.batch(batch.ack_last_only())
     }
@@ -391,6 +383,12 @@ pub struct Req {
     what: String,
     msg: RouteNetlinkMessage,
     flags: u16,
+}
+
+impl From<Req> for Request<RouteNetlinkMessage> {
+    fn from(r: Req) -> Self {
+        Request::new(r.what, r.msg, r.flags)
+    }
 }
 
 impl Req {

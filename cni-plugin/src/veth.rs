@@ -226,13 +226,13 @@ fn configure(
         }));
         host_side.push(Req::neigh_add_permanent(host.index, *ip, pod_mac));
     }
-    let attaching = !attach.is_empty();
     host_nl
-        .apply_after(attach, host_side)
+        .apply(
+            attach
+                .into_iter()
+                .chain(host_side.into_iter().map(Request::from)),
+        )
         .map_err(|e| kernel_error("cannot configure the host veth", &e))?;
-    if attaching {
-        log::debug!("programs attached");
-    }
     log::debug!("host veth configured");
 
     // Pod side: lo up, address, eth0 up, gateway neighbour, default route,
