@@ -57,9 +57,13 @@ pub struct Config {
     /// Whether kube-proxy runs beside ferrite (off: ferrite serves
     /// NodePorts too).
     pub kube_proxy: bool,
+    /// Pods' hostPorts served by the datapath (the plugin has the
+    /// portMappings capability) rather than by the portmap plugin chained
+    /// after it.
+    pub host_ports_in_datapath: bool,
     /// Where the node's cgroup hierarchies are mounted (the v2 root is
-    /// this or its `unified`): without kube-proxy, ferrite's host socket
-    /// programs attach there.
+    /// this or its `unified`): ferrite's host socket programs attach there
+    /// (hostPorts; without kube-proxy, Services).
     pub cgroup_root: PathBuf,
     /// Service frontends (cluster IP x port) the maps hold at most.
     pub service_max_frontends: u32,
@@ -116,6 +120,7 @@ impl Default for Config {
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             services: true,
             kube_proxy: true,
+            host_ports_in_datapath: true,
             cgroup_root: DEFAULT_CGROUP_ROOT.into(),
             service_max_frontends: DEFAULT_SERVICE_MAX_FRONTENDS,
             service_max_backends: DEFAULT_SERVICE_MAX_BACKENDS,
@@ -263,6 +268,14 @@ pub struct Settings {
           value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
     kube_proxy: bool,
 
+    /// Who serves pods' hostPorts: the datapath (from outside, from pods
+    /// and from the node's own sockets, 127.0.0.1 included) or the portmap
+    /// plugin chained after ferrite (iptables)
+    #[arg(long, global = true, env = "FERRITE_HOST_PORTS", value_name = "datapath|portmap",
+          default_value = "datapath", action = ArgAction::Set,
+          value_parser = PossibleValuesParser::new(["datapath", "portmap"]).map(|v| v == "datapath"))]
+    host_ports: bool,
+
     /// Where the node's cgroup hierarchies are mounted: without
     /// kube-proxy, the node's own sockets reach Services through programs
     /// attached at the cgroup v2 root found here (DIR or DIR/unified)
@@ -390,6 +403,7 @@ impl From<Settings> for Config {
             conntrack_entries: s.conntrack_entries,
             services: s.services,
             kube_proxy: s.kube_proxy,
+            host_ports_in_datapath: s.host_ports,
             cgroup_root: s.cgroup_root,
             service_max_frontends: s.service_max_frontends,
             service_max_backends: s.service_max_backends,
@@ -785,7 +799,7 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 27, "every setting has a variable");
+        assert_eq!(n, 28, "every setting has a variable");
     }
 
     #[test]

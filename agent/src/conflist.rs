@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The network configuration the agent writes for the runtime: ferrite with
-//! the node's pod CIDRs as its ranges, and the reference `portmap` plugin
-//! chained after it for Kubernetes hostPorts.
+//! the node's pod CIDRs as its ranges, serving Kubernetes hostPorts itself
+//! (the portMappings capability), or with the reference `portmap` plugin
+//! chained after it for them.
 
 use std::path::PathBuf;
 
@@ -27,6 +28,8 @@ pub struct ConflistParams {
     pub log_file: PathBuf,
     pub log_level: &'static str,
     pub big_tcp: bool,
+    /// ferrite has the portMappings capability; else portmap follows it.
+    pub host_ports: bool,
 }
 
 /// The conflist, pretty-printed with a final newline. One range set per
@@ -54,13 +57,17 @@ pub fn render(p: &ConflistParams) -> String {
                 "logFile": p.log_file,
                 "logLevel": p.log_level,
                 "capabilities": { "bandwidth": true }
-            },
-            {
-                "type": "portmap",
-                "capabilities": { "portMappings": true }
             }
         ]
     });
+    if p.host_ports {
+        conf["plugins"][0]["capabilities"]["portMappings"] = json!(true);
+    } else {
+        conf["plugins"]
+            .as_array_mut()
+            .expect("plugins is a list")
+            .push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
+    }
     // Only when on: a conflist written before the setting existed stays
     // byte for byte what it was.
     if p.big_tcp {
@@ -84,6 +91,7 @@ mod tests {
             log_file: "/var/log/ferrite/cni.log".into(),
             log_level: "info",
             big_tcp: false,
+            host_ports: false,
         }
     }
 
@@ -135,6 +143,21 @@ mod tests {
         assert_eq!(plugins.len(), 2);
         assert_eq!(plugins[1]["type"], "portmap");
         assert_eq!(plugins[1]["capabilities"], json!({ "portMappings": true }));
+        assert_eq!(plugins[0]["capabilities"], json!({ "bandwidth": true }));
+    }
+
+    #[test]
+    fn host_ports_in_the_datapath_take_portmap_out_of_the_chain() {
+        let v = parsed(&ConflistParams {
+            host_ports: true,
+            ..params(&["10.244.1.0/24"])
+        });
+        let plugins = v["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 1);
+        assert_eq!(
+            plugins[0]["capabilities"],
+            json!({ "bandwidth": true, "portMappings": true })
+        );
     }
 
     #[test]

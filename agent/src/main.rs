@@ -190,10 +190,12 @@ fn start_policy(
 /// How the service thread opens the datapath's Service maps: `Ok(None)`
 /// while the sync thread has not loaded the datapath yet (it is asked
 /// again after a second, and after a failed sync, so an upgrade's new
-/// version is picked up). Without kube-proxy it also gives the programs
-/// the node's addresses (NodePorts) and attaches the host socket programs
-/// (the node's own processes reaching ClusterIPs); with kube-proxy it
-/// detaches those, which kube-proxy then serves.
+/// version is picked up). It tells the programs which frontends of the
+/// node's own addresses they serve (hostPorts, when the conflist gives
+/// ferrite the portMappings capability; NodePorts without kube-proxy),
+/// gives them the node's addresses, and attaches the host socket programs
+/// (the node's own processes reaching hostPorts, and without kube-proxy
+/// ClusterIPs); with neither, it detaches those.
 fn service_target(
     cfg: &Config,
     state: &Arc<AgentState>,
@@ -201,6 +203,7 @@ fn service_target(
     let root = cfg.bpffs_root.clone();
     let cgroup_root = cfg.cgroup_root.clone();
     let node_ports = cfg.services && !cfg.kube_proxy;
+    let host_ports = cfg.host_ports_in_datapath;
     let state = state.clone();
     Box::new(move || {
         let Some(dp) = ferrite_datapath::Datapath::open(&root)? else {
@@ -208,8 +211,8 @@ fn service_target(
         };
         let maps = dp.service_maps()?;
         // The programs look for NodePorts only where kube-proxy does not.
-        maps.set_nodeports(node_ports)?;
-        let hooks = if node_ports {
+        maps.set_node_frontends(node_ports, host_ports)?;
+        let hooks = if node_ports || host_ports {
             let addrs = ferrite_agent::netlink::Netlink::new()?.host_addresses()?;
             dp.policy_maps()?.set_host_addresses(&addrs)?;
             attach_host_sockets(&dp, &cgroup_root)
@@ -234,7 +237,7 @@ fn attach_host_sockets(dp: &ferrite_datapath::Datapath, cgroup_root: &std::path:
     use ferrite_datapath::host_sock::{cgroup2_root, PROGRAMS};
     let Some(cgroup) = cgroup2_root(cgroup_root) else {
         log::warn!(
-            "services: no cgroup v2 hierarchy at {} or {}/unified: the node's own processes and hostNetwork pods cannot reach ClusterIPs without kube-proxy",
+            "services: no cgroup v2 hierarchy at {} or {}/unified: the node's own processes and hostNetwork pods cannot reach hostPorts, nor ClusterIPs without kube-proxy",
             cgroup_root.display(),
             cgroup_root.display()
         );
@@ -254,7 +257,7 @@ fn attach_host_sockets(dp: &ferrite_datapath::Datapath, cgroup_root: &std::path:
             PROGRAMS.len()
         }
         Err(e) => {
-            log::warn!("services: attaching the host socket hooks at {}: {e}: the node's own processes and hostNetwork pods cannot reach ClusterIPs without kube-proxy", cgroup.display());
+            log::warn!("services: attaching the host socket hooks at {}: {e}: the node's own processes and hostNetwork pods cannot reach hostPorts, nor ClusterIPs without kube-proxy", cgroup.display());
             0
         }
     }

@@ -487,6 +487,7 @@ impl NodeAgent {
             log_file: self.cfg.cni_log_file.clone(),
             log_level: self.cfg.cni_log_level,
             big_tcp: self.cfg.big_tcp,
+            host_ports: self.cfg.host_ports_in_datapath,
         });
         let path = self.cfg.conflist_path();
         let wrote =

@@ -85,6 +85,7 @@ fn every_setting_has_its_variable() {
             ("FERRITE_CONNTRACK_ENTRIES", "65536"),
             ("FERRITE_SERVICES", "off"),
             ("FERRITE_KUBE_PROXY", "on"),
+            ("FERRITE_HOST_PORTS", "portmap"),
             ("FERRITE_CGROUP_ROOT", "/cg"),
             ("FERRITE_SERVICE_MAX_FRONTENDS", "1024"),
             ("FERRITE_SERVICE_MAX_BACKENDS", "4096"),
@@ -125,6 +126,7 @@ fn every_setting_has_its_variable() {
             conntrack_entries: 65536,
             services: false,
             kube_proxy: true,
+            host_ports_in_datapath: false,
             cgroup_root: "/cg".into(),
             service_max_frontends: 1024,
             service_max_backends: 4096,
@@ -136,7 +138,7 @@ fn every_setting_has_its_variable() {
             resync: std::time::Duration::from_secs(5),
         }
     );
-    assert_eq!(variables().len(), 27);
+    assert_eq!(variables().len(), 28);
 }
 
 #[test]
@@ -264,6 +266,7 @@ fn the_daemonset_speaks_the_agents_flags() {
         ("FERRITE_METRICS_PORT", "9965"),
         ("FERRITE_CNI_LOG_LEVEL", "info"),
         ("FERRITE_BIG_TCP", "false"),
+        ("FERRITE_HOST_PORTS", "datapath"),
     ]
     .into();
     let vars: Vec<(&str, &str)> = env_names.iter().map(|n| (*n, values[n])).collect();
@@ -277,6 +280,7 @@ fn the_daemonset_speaks_the_agents_flags() {
     assert_eq!(c.plugin_source, PathBuf::from("/opt/ferrite/bin"));
     assert_eq!(c.cni_log_level, "info");
     assert!(!c.big_tcp);
+    assert!(c.host_ports_in_datapath);
 }
 
 fn agent(args: &[&str]) -> Output {

@@ -60,6 +60,10 @@ pub struct RuntimeConfig {
     pub ips: Vec<String>,
     #[serde(default)]
     pub bandwidth: Option<Bandwidth>,
+    /// The `portMappings` capability, checked only where ferrite has it
+    /// (hostport.rs): a conflist chaining portmap may pass them on.
+    #[serde(default)]
+    pub port_mappings: Vec<Value>,
 }
 
 /// One `{"containerID": .., "ifname": ..}` of `cni.dev/valid-attachments`.
@@ -92,6 +96,9 @@ pub struct NetConf {
     /// `bigTcp`: IPv4 BIG TCP on the pod's veth pair (GSO and GRO up to
     /// [`BIG_TCP_SIZE`]), for nodes whose uplinks carry such packets.
     pub big_tcp: bool,
+    /// `capabilities.portMappings`: ferrite, not a chained portmap, serves
+    /// the pod's hostPorts.
+    pub host_ports: bool,
     pub runtime_config: RuntimeConfig,
     /// Addresses from `args.cni.ips`.
     pub args_ips: Vec<String>,
@@ -128,6 +135,8 @@ struct RawConf {
     big_tcp: Option<bool>,
     #[serde(default)]
     runtime_config: Option<RuntimeConfig>,
+    #[serde(default)]
+    capabilities: Option<Value>,
     #[serde(default)]
     args: Option<Value>,
     #[serde(default)]
@@ -253,6 +262,12 @@ impl NetConf {
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
             chained_bandwidth: raw.chained_bandwidth.unwrap_or(false),
             big_tcp: raw.big_tcp.unwrap_or(false),
+            host_ports: raw
+                .capabilities
+                .as_ref()
+                .and_then(|c| c.get("portMappings"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             runtime_config: raw.runtime_config.unwrap_or_default(),
             args_ips,
             prev_result: raw.prev_result,

@@ -28,6 +28,7 @@ mod error;
 mod failpoint;
 #[cfg(test)]
 mod fuzz;
+mod hostport;
 mod logging;
 mod naming;
 mod netlink;

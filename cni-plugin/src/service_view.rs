@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `ferrite services`: each Service frontend as the pinned maps hold it
 //! (the agent writes them; this only reads): its backends in slot order,
-//! the terminating ones, affinity, and its counters.
+//! the terminating ones, affinity, and its counters; then the pods'
+//! hostPorts (ADD writes them).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -76,9 +77,19 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out, "  - {} terminating", socket(b.addr, b.port))?;
         }
     }
+    let host_ports = maps.host_ports()?;
+    for (hp, id) in &host_ports {
+        let stats = maps.stats(*id)?.unwrap_or_default();
+        writeln!(out, "HostPort {}", crate::hostport::describe(hp))?;
+        writeln!(
+            out,
+            "  {} packets, {} bytes, {} flows",
+            stats.packets, stats.bytes, stats.flows
+        )?;
+    }
     writeln!(
         out,
-        "{} frontends, {} backends, {} flows with a backend; NodePorts {}; the node's own sockets {}",
+        "{} frontends, {} backends, {} flows with a backend; NodePorts {}; hostPorts {}; the node's own sockets {}",
         frontends.len(),
         backends.len(),
         maps.flows()?,
@@ -86,6 +97,11 @@ pub fn write(dp: &Datapath, out: &mut dyn Write) -> anyhow::Result<()> {
             "served (no kube-proxy)"
         } else {
             "left to kube-proxy"
+        },
+        if maps.hostports()? {
+            format!("served ({})", host_ports.len())
+        } else {
+            "left to portmap".to_string()
         },
         if Datapath::host_sockets_attached(dp.bpffs_root()) {
             "served (cgroup hooks)"

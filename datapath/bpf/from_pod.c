@@ -259,17 +259,17 @@ static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 				 struct endpoint **dst, int *dir, __u32 ifindex)
 {
 	int svc_kind = nat_ok ? kind : FLOW_OTHER;
+	int lookup = node_frontends();
 	int ret;
 
 	*dir = XLATE_NONE;
 	if (kind == FLOW_MALFORMED)
 		return DROP_MALFORMED;
 	s->orig = s->key;
-	ret = svc_forward(svc_kind, skb->len, 0);
-	/* Without kube-proxy: a NodePort of this node, from a pod. */
-	if (ret == SVC_NONE && nodeports_on() &&
-	    is_host_address(&s->key.daddr))
-		ret = svc_forward(svc_kind, skb->len, 1);
+	ret = svc_forward(skb, svc_kind, 0);
+	/* A hostPort, or without kube-proxy a NodePort, of this node. */
+	if (ret == SVC_NONE && lookup && is_host_address(&s->key.daddr))
+		ret = svc_forward(skb, svc_kind, lookup);
 	if (ret < 0)
 		return ret;
 	if (ret == SVC_REJECT)
@@ -279,10 +279,10 @@ static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 	*dst = bpf_map_lookup_elem(&ferrite_endpts, &s->key.daddr);
 	/*
 	 * An answer from a backend goes to a client here, to its Service
-	 * (hairpin), or (NodePorts) to a client outside.
+	 * (hairpin), or (hostPorts, NodePorts) to a client outside.
 	 */
 	if (*dir == XLATE_NONE &&
-	    (*dst || is_service_address(&s->key.daddr) || nodeports_on()) &&
+	    (*dst || is_service_address(&s->key.daddr) || lookup) &&
 	    svc_reverse(svc_kind) == SVC_XLATED) {
 		*dir = XLATE_REVERSE;
 		if (s->nat.what & SVC_NAT_DST)

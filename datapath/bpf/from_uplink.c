@@ -92,15 +92,16 @@ static __always_inline int frame_source(union v6addr *src, void *data,
 }
 
 /*
- * A packet for this node's own address when ferrite serves NodePorts
- * (kube-proxy does not run): a client's packet to a NodePort goes to a
+ * A packet for this node's own address when ferrite serves hostPorts or
+ * NodePorts (@lookup, SVC_LOOKUP_*): a client's packet to a hostPort goes
+ * into its pod, and one to a NodePort (kube-proxy does not run) to a
  * backend (into it when it is on this node; to its node, from this node's
  * address, when it is on another and the Service's traffic policy is
  * Cluster), and that backend's answer goes back to the client from the
  * NodePort. A NodePort without backends answers as a Service does. The
  * rest passes on to the stack.
  */
-static __noinline int nodeport(struct __sk_buff *skb, int kind)
+static __noinline int nodeport(struct __sk_buff *skb, int kind, int lookup)
 {
 	struct scratch *sc = scratch();
 	struct endpoint_stats *st;
@@ -113,9 +114,10 @@ static __noinline int nodeport(struct __sk_buff *skb, int kind)
 	if (!sc)
 		return TC_ACT_UNSPEC;
 	sc->orig = sc->key;
-	ret = svc_reverse(kind);
+	/* Only a NodePort's flow to another node has answers coming back. */
+	ret = (lookup & SVC_LOOKUP_NODEPORT) ? svc_reverse(kind) : SVC_NONE;
 	if (ret != SVC_XLATED) {
-		ret = svc_forward(kind, skb->len, 1);
+		ret = svc_forward(skb, kind, lookup);
 		if (ret == SVC_REJECT) {
 			ret = sc->key.proto == IPPROTO_TCP ? reject_tcp(skb) : 1;
 			if (ret == 1)
@@ -248,7 +250,7 @@ int from_uplink(struct __sk_buff *skb)
 {
 	struct scratch *sc = scratch();
 	struct endpoint *dst;
-	int kind;
+	int kind, lookup;
 
 	/* Only frames addressed to this node; never another's. */
 	if (skb->pkt_type != PACKET_HOST || !sc)
@@ -260,8 +262,9 @@ int from_uplink(struct __sk_buff *skb)
 	dst = bpf_map_lookup_elem(&ferrite_endpts, &sc->key.daddr);
 	if (dst)
 		return to_local_pod(skb, kind, dst);
-	if (nodeports_on() && is_host_address(&sc->key.daddr))
-		return nodeport(skb, kind);
+	lookup = node_frontends();
+	if (lookup && is_host_address(&sc->key.daddr))
+		return nodeport(skb, kind, lookup);
 	return TC_ACT_UNSPEC;
 }
 

@@ -1,21 +1,23 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * host_sock: the node's own sockets (and hostNetwork pods') reaching
- * Services when kube-proxy does not run. Attached by the node agent at the
- * root cgroup (cgroup/connect4, connect6, sendmsg4, sendmsg6, recvmsg4,
- * recvmsg6, getpeername4, getpeername6), each program acts only for
- * sockets of the host's network namespace (ferrite_hostns holds its
- * cookie): a pod's sockets keep the Service address, and from_pod
- * translates their packets as for any pod, so a sidecar proxy in the pod
- * still sees which Service its application dialled.
+ * hostPorts, and Services when kube-proxy does not run. Attached by the
+ * node agent at the root cgroup (cgroup/connect4, connect6, sendmsg4,
+ * sendmsg6, recvmsg4, recvmsg6, getpeername4, getpeername6), each program
+ * acts only for sockets of the host's network namespace (ferrite_hostns
+ * holds its cookie): a pod's sockets keep the Service address, and
+ * from_pod translates their packets as for any pod, so a sidecar proxy in
+ * the pod still sees which Service its application dialled.
  *
  * connect() (TCP, connected UDP) and sendmsg() (unconnected UDP) to a
  * frontend are sent to one of its backends instead, chosen as from_pod
- * chooses (affinity, else at random); NodePorts on the node's own
- * addresses too when the agent programs them. The socket and the backend
- * are remembered in ferrite_sockrev so that getpeername() and recvmsg()
- * give the application the Service's address back. A frontend without
- * backends refuses the connect() or sendmsg() with ECONNREFUSED, as
+ * chooses (affinity, else at random): a hostPort on one of the node's
+ * addresses or loopback when the node serves them, a NodePort on the
+ * node's addresses and a Service when the agent programs them (kube-proxy
+ * does not run). The socket and the backend are remembered in
+ * ferrite_sockrev so that getpeername() and recvmsg() give the
+ * application the frontend's address back. A frontend without backends
+ * refuses the connect() or sendmsg() with ECONNREFUSED, as
  * kube-proxy's REJECT does.
  */
 #include <linux/in.h>
@@ -112,6 +114,48 @@ static __always_inline void set_user_addr(struct bpf_sock_addr *ctx, int v6,
 	ctx->user_port = port;
 }
 
+static __always_inline int is_loopback(const union v6addr *a, int v6)
+{
+	if (v6)
+		return !a->w[0] && !a->w[1] && !a->w[2] &&
+		       a->w[3] == bpf_htonl(1);
+	return (bpf_ntohl(a->w[3]) >> 24) == 127;
+}
+
+/*
+ * The hostPort (or, without kube-proxy, the NodePort) the address and
+ * port in @sk stand for, if it is one of the node's own addresses or
+ * loopback: a hostPort of that very address (127.0.0.1 included), then
+ * one of every address, then a NodePort. @sk's address may change.
+ */
+static __always_inline struct svc_value *node_frontend(struct svc_key *sk,
+						       int v6)
+{
+	int lookup = node_frontends();
+	struct svc_value *svc = NULL;
+	union v6addr addr = sk->addr;
+
+	if (!lookup)
+		return NULL;
+	if (!is_loopback(&addr, v6) && !is_host_address(&addr))
+		return NULL;
+	if (lookup & SVC_LOOKUP_HOSTPORT) {
+		sk->scope = SVC_SCOPE_HOSTPORT;
+		svc = bpf_map_lookup_elem(&ferrite_svc, sk);
+		if (!svc) {
+			unspecified_like(&sk->addr, &addr);
+			svc = bpf_map_lookup_elem(&ferrite_svc, sk);
+		}
+	}
+	/* NodePorts as kube-proxy serves them: not on loopback. */
+	if (!svc && (lookup & SVC_LOOKUP_NODEPORT) && !is_loopback(&addr, v6)) {
+		sk->scope = SVC_SCOPE_SERVICE;
+		unspecified_like(&sk->addr, &addr);
+		svc = bpf_map_lookup_elem(&ferrite_svc, sk);
+	}
+	return svc;
+}
+
 /*
  * connect() or sendmsg() to @ctx's address: if it is a frontend (or a
  * NodePort on one of the node's addresses), points the socket at a
@@ -139,12 +183,11 @@ static __always_inline int sock_forward(struct bpf_sock_addr *ctx, int v6)
 	sk.proto = proto;
 	rev.vip = sk.addr;
 	rev.vport = sk.port;
-	svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
-	if (!svc && nodeports_on() && is_host_address(&sk.addr)) {
-		/* A NodePort is keyed by the family's unspecified address. */
-		__builtin_memset(&sk.addr, 0, sizeof(sk.addr));
-		if (!v6)
-			v4_mapped(&sk.addr, 0);
+	svc = node_frontend(&sk, v6);
+	/* Services only where kube-proxy does not serve them. */
+	if (!svc && nodeports_on()) {
+		sk.addr = rev.vip;
+		sk.scope = SVC_SCOPE_SERVICE;
 		svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
 	}
 	if (!svc)

@@ -36,6 +36,17 @@ const SVC_F_AFFINITY: u32 = 1;
 const SVC_F_SNAT: u32 = 2;
 /// `SVCCFG_NODEPORTS` in `ferrite_svccfg`.
 const SVCCFG_NODEPORTS: u32 = 1;
+/// `SVCCFG_HOSTPORTS` in `ferrite_svccfg`.
+const SVCCFG_HOSTPORTS: u32 = 2;
+/// `SVC_SCOPE_HOSTPORT`: the key byte that sets ADD's hostPorts apart from
+/// the agent's frontends.
+const SVC_SCOPE_HOSTPORT: u8 = 1;
+
+/// The lowest id of a hostPort's frontend and backend. ADD takes them at
+/// random from the top half of the id space (a hostPort's frontend and its
+/// one backend share one id); the agent hands out its own from 1 up, and
+/// never sees these.
+pub const HOSTPORT_ID_MIN: u32 = 0x8000_0000;
 /// `BACKEND_F_TERMINATING`.
 const BACKEND_F_TERMINATING: u32 = 1;
 
@@ -62,6 +73,32 @@ pub struct Backend {
     pub port: u16,
     /// No new flows go there; TCP connections to it may finish.
     pub terminating: bool,
+}
+
+/// A hostPort as a pod's runtimeConfig.portMappings asks for it: its
+/// frontend (the hostIP, or the family's unspecified address for every
+/// address of the node; hostPort; protocol) and the pod's address and
+/// containerPort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub frontend: Frontend,
+    pub backend: IpAddr,
+    pub backend_port: u16,
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: the clock's low bits still spread the ids.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ std::process::id().rotate_left(16))
+            .unwrap_or(0);
+        return t;
+    }
+    u32::from_ne_bytes(b)
 }
 
 /// What a frontend holds.
@@ -118,6 +155,12 @@ fn svc_key(fe: &Frontend) -> [u8; 20] {
     k[..16].copy_from_slice(&ip_key(fe.addr));
     k[16..18].copy_from_slice(&fe.port.to_be_bytes());
     k[18] = fe.proto;
+    k
+}
+
+fn hostport_key(fe: &Frontend) -> [u8; 20] {
+    let mut k = svc_key(fe);
+    k[19] = SVC_SCOPE_HOSTPORT;
     k
 }
 
@@ -209,6 +252,10 @@ impl ServiceMaps {
     pub fn frontends(&self) -> Result<Vec<(Frontend, FrontendState)>, MapError> {
         let mut out = Vec::new();
         for k in keys::<20>(&self.svc, SVC_MAP)? {
+            // ADD's hostPorts are not the agent's to see.
+            if k[19] != 0 {
+                continue;
+            }
             let fe = frontend_of(&k);
             // Gone between the walk and the read: skip it.
             let Some(v) = self.entry(&fe)? else { continue };
@@ -237,10 +284,13 @@ impl ServiceMaps {
         Ok(out)
     }
 
-    /// Every backend, by id.
+    /// Every backend of the agent's frontends, by id.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
         let mut out = Vec::new();
         for k in keys::<4>(&self.backends, BACKEND_MAP)? {
+            if u32::from_ne_bytes(k) >= HOSTPORT_ID_MIN {
+                continue;
+            }
             let mut v = [0u8; 32];
             if sys::map_lookup(self.backends.as_fd(), &k, &mut v).map_err(on(BACKEND_MAP))? {
                 out.push((u32::from_ne_bytes(k), backend_of(&v)));
@@ -352,10 +402,18 @@ impl ServiceMaps {
         Ok(Some(s))
     }
 
-    /// Whether the programs serve NodePorts (frontends with the unspecified
-    /// address): only where kube-proxy does not run.
-    pub fn set_nodeports(&self, serve: bool) -> Result<(), MapError> {
-        let v = if serve { SVCCFG_NODEPORTS } else { 0 };
+    /// Which frontends of the node's own addresses the programs serve:
+    /// NodePorts (frontends with the unspecified address) only where
+    /// kube-proxy does not run; hostPorts where ferrite, not portmap, has
+    /// the portMappings capability. The agent is the only writer.
+    pub fn set_node_frontends(&self, nodeports: bool, hostports: bool) -> Result<(), MapError> {
+        let mut v = 0;
+        if nodeports {
+            v |= SVCCFG_NODEPORTS;
+        }
+        if hostports {
+            v |= SVCCFG_HOSTPORTS;
+        }
         sys::map_update(
             self.cfg.as_fd(),
             &0u32.to_ne_bytes(),
@@ -365,10 +423,161 @@ impl ServiceMaps {
         .map_err(on(SVCCFG_MAP))
     }
 
-    pub fn nodeports(&self) -> Result<bool, MapError> {
+    fn config(&self) -> Result<u32, MapError> {
         let mut v = [0u8; 4];
         sys::map_lookup(self.cfg.as_fd(), &0u32.to_ne_bytes(), &mut v).map_err(on(SVCCFG_MAP))?;
-        Ok(u32::from_ne_bytes(v) & SVCCFG_NODEPORTS != 0)
+        Ok(u32::from_ne_bytes(v))
+    }
+
+    pub fn nodeports(&self) -> Result<bool, MapError> {
+        Ok(self.config()? & SVCCFG_NODEPORTS != 0)
+    }
+
+    pub fn hostports(&self) -> Result<bool, MapError> {
+        Ok(self.config()? & SVCCFG_HOSTPORTS != 0)
+    }
+
+    fn hostport_entry(&self, fe: &Frontend) -> Result<Option<u32>, MapError> {
+        let mut v = [0u8; 16];
+        Ok(sys::map_lookup(self.svc.as_fd(), &hostport_key(fe), &mut v)
+            .map_err(on(SVC_MAP))?
+            .then(|| u32_at(&v, 0)))
+    }
+
+    fn backend(&self, id: u32) -> Result<Option<Backend>, MapError> {
+        let mut v = [0u8; 32];
+        Ok(
+            sys::map_lookup(self.backends.as_fd(), &id.to_ne_bytes(), &mut v)
+                .map_err(on(BACKEND_MAP))?
+                .then(|| backend_of(&v)),
+        )
+    }
+
+    /// Removes hostPort id `id`'s slot, backend and counters.
+    fn forget_hostport_id(&self, id: u32) -> Result<(), MapError> {
+        sys::map_delete(self.slots.as_fd(), &slot_key(id, 1)).map_err(on(SLOT_MAP))?;
+        sys::map_delete(self.backends.as_fd(), &id.to_ne_bytes()).map_err(on(BACKEND_MAP))?;
+        sys::map_delete(self.stats.as_fd(), &id.to_ne_bytes()).map_err(on(SVCSTAT_MAP))?;
+        Ok(())
+    }
+
+    /// Writes hostPort `hp`: its backend under an id of its own (taken at
+    /// random above [`HOSTPORT_ID_MIN`], claimed by creating the backend),
+    /// its slot, then its frontend entry, which makes it visible. An entry
+    /// already there (a pod whose DEL never came) is replaced, and its
+    /// backend goes. Returns the id.
+    pub fn add_hostport(&self, hp: &HostPort) -> Result<u32, MapError> {
+        let mut id = 0;
+        for _ in 0..64 {
+            let candidate = HOSTPORT_ID_MIN | (random_u32() & !HOSTPORT_ID_MIN);
+            let b = Backend {
+                frontend: candidate,
+                addr: hp.backend,
+                port: hp.backend_port,
+                terminating: false,
+            };
+            match sys::map_update(
+                self.backends.as_fd(),
+                &candidate.to_ne_bytes(),
+                &backend_value(&b),
+                sys::BPF_NOEXIST,
+            ) {
+                Ok(()) => {
+                    id = candidate;
+                    break;
+                }
+                Err(e) if e.errno() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(on(BACKEND_MAP)(e)),
+            }
+        }
+        if id == 0 {
+            return Err(on(BACKEND_MAP)(crate::sys::SysError {
+                call: "BPF_MAP_UPDATE_ELEM",
+                source: std::io::Error::from_raw_os_error(libc::EEXIST),
+            }));
+        }
+        let written = (|| {
+            sys::map_update(
+                self.slots.as_fd(),
+                &slot_key(id, 1),
+                &id.to_ne_bytes(),
+                BPF_ANY,
+            )
+            .map_err(on(SLOT_MAP))?;
+            self.ensure_stats(id)?;
+            let old = self.hostport_entry(&hp.frontend)?;
+            let st = FrontendState {
+                id,
+                backends: vec![id],
+                affinity_timeout: None,
+                source_nat: false,
+            };
+            sys::map_update(
+                self.svc.as_fd(),
+                &hostport_key(&hp.frontend),
+                &svc_value(&st),
+                BPF_ANY,
+            )
+            .map_err(on(SVC_MAP))?;
+            Ok(old)
+        })();
+        match written {
+            Ok(old) => {
+                if let Some(old) = old.filter(|o| *o != id && *o >= HOSTPORT_ID_MIN) {
+                    self.forget_hostport_id(old)?;
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = self.forget_hostport_id(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes hostPort `hp` if its entry still sends it to `hp`'s backend
+    /// (another pod's later entry under the same key stays). Whether it
+    /// removed one.
+    pub fn remove_hostport(&self, hp: &HostPort) -> Result<bool, MapError> {
+        let Some(id) = self.hostport_entry(&hp.frontend)? else {
+            return Ok(false);
+        };
+        let ours = self
+            .backend(id)?
+            .is_some_and(|b| b.addr == hp.backend && b.port == hp.backend_port);
+        if !ours {
+            return Ok(false);
+        }
+        sys::map_delete(self.svc.as_fd(), &hostport_key(&hp.frontend)).map_err(on(SVC_MAP))?;
+        self.forget_hostport_id(id)?;
+        Ok(true)
+    }
+
+    /// Every hostPort with its id, in frontend order. An entry whose
+    /// backend is missing (being written or removed) is left out.
+    pub fn host_ports(&self) -> Result<Vec<(HostPort, u32)>, MapError> {
+        let mut out = Vec::new();
+        for k in keys::<20>(&self.svc, SVC_MAP)? {
+            if k[19] != SVC_SCOPE_HOSTPORT {
+                continue;
+            }
+            let fe = frontend_of(&k);
+            let Some(id) = self.hostport_entry(&fe)? else {
+                continue;
+            };
+            if let Some(b) = self.backend(id)? {
+                out.push((
+                    HostPort {
+                        frontend: fe,
+                        backend: b.addr,
+                        backend_port: b.port,
+                    },
+                    id,
+                ));
+            }
+        }
+        out.sort_by_key(|(hp, _)| hp.frontend);
+        Ok(out)
     }
 
     /// Flows whose backend is remembered (`ferrite_svcct`).

@@ -4,8 +4,9 @@ both install modes (scripts/cluster up, and up --kube-proxy=off, where
 ferrite must do it all):
 
 - the node's own namespace and a hostNetwork pod reach a ClusterIP (without
-  kube-proxy: ferrite's host socket hooks, whose count /metrics gives: 8
-  without kube-proxy, 0 with it, so nothing is translated twice);
+  kube-proxy: ferrite's host socket hooks, whose count /metrics gives: 8 in
+  both modes, since they serve hostPorts too; with kube-proxy they leave
+  ClusterIPs alone, so nothing is translated twice);
 - hairpin: a pod reaches the Service whose only backend it is;
 - a NodePort with externalTrafficPolicy Local, from the outside host: the
   node with the backend answers and the backend sees the outside host's own
@@ -27,7 +28,7 @@ def hooks(cluster, node) -> int:
 
 
 def test_host_socket_hooks(cluster, agent, node, figures):
-    want = 0 if cluster.kube_proxy else 8
+    want = 8
     wait_for(f"ferrite_services_host_socket_hooks {want} on {node}", 30, lambda: hooks(cluster, node) == want)
     mode = "kube-proxy runs" if cluster.kube_proxy else "no kube-proxy"
     figures(f"{node} ({mode}): {want} host socket hooks of ferrite's attached")

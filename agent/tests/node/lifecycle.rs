@@ -187,7 +187,13 @@ fn bootstrap_restart_node_changes_and_uninstall() {
         conflist["plugins"][0]["bpffsRoot"],
         cfg.bpffs_root.to_str().unwrap()
     );
-    assert_eq!(conflist["plugins"][1]["type"], "portmap");
+    // hostPorts in the datapath (the default): ferrite has the capability,
+    // no portmap follows.
+    assert_eq!(
+        conflist["plugins"][0]["capabilities"]["portMappings"],
+        serde_json::json!(true)
+    );
+    assert_eq!(conflist["plugins"].as_array().unwrap().len(), 1);
     assert_eq!(
         std::fs::read(cfg.plugin_path()).unwrap(),
         b"\x7fELF the plugin"

@@ -14,6 +14,7 @@ use crate::addresses;
 use crate::bandwidth;
 use crate::config::{CniEnv, NetConf};
 use crate::error::{CniError, CniResult, Code};
+use crate::hostport;
 use crate::naming::{self, format_mac, gateway_for};
 use crate::netlink::Netlink;
 use crate::result::{CniOutput, Interface, IpConfig, RouteEntry};
@@ -34,6 +35,7 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
     // Everything that can be refused is refused before anything is touched.
     let pool = conf.pool()?;
     let limits = bandwidth::Limits::from_config(conf.runtime_config.bandwidth.as_ref())?;
+    let mappings = hostport::mappings(conf)?;
     let netns = veth::open_netns(netns_path)?;
 
     let mut host_nl = host_netlink()?;
@@ -90,7 +92,11 @@ pub fn add(conf: &NetConf, env: &CniEnv) -> CniResult<CniOutput> {
         pod_nl,
         netns,
     };
-    let made = setup(conf, env, &dp, &mut handles, &spec, &link, &ips, &limits);
+    let wants = Wants {
+        limits: &limits,
+        mappings: &mappings,
+    };
+    let made = setup(conf, env, &dp, &mut handles, &spec, &link, &ips, &wants);
     mark("pod set up");
     match made {
         Ok(out) => Ok(out),
@@ -229,6 +235,12 @@ fn reclaim_retired(
     }
 }
 
+/// What the runtime asked for beside the pod's network itself.
+struct Wants<'a> {
+    limits: &'a bandwidth::Limits,
+    mappings: &'a [hostport::Mapping],
+}
+
 #[allow(clippy::too_many_arguments)]
 fn setup(
     conf: &NetConf,
@@ -238,8 +250,10 @@ fn setup(
     spec: &veth::PodSpec<'_>,
     link: &veth::PodLink,
     ips: &[IpAddr],
-    limits: &bandwidth::Limits,
+    wants: &Wants<'_>,
 ) -> CniResult<CniOutput> {
+    let limits = wants.limits;
+    let host_ports = hostport::host_ports(wants.mappings, ips);
     let Handles {
         host_nl,
         pod_nl,
@@ -321,9 +335,13 @@ fn setup(
             }
             // The map entry is the last step: it makes the pod complete.
             crate::failpoint::hit("add-mapped");
-            Ok(())
+            // Its hostPorts, once it can be reached.
+            hostport::add(dp, &host_ports)
         });
     if let Err(err) = wired {
+        if let Err(undo) = hostport::remove(dp, &host_ports) {
+            log::warn!("rollback: cannot remove the pod's hostPorts: {undo}");
+        }
         for ip in ips {
             if let Err(undo) = dp.remove_endpoint(*ip, link.host.index) {
                 log::warn!("rollback: cannot remove endpoint {ip}: {undo}");

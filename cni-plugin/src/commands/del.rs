@@ -7,6 +7,7 @@ use super::{datapath_error, host_netlink, prev_result_ips};
 use crate::addresses;
 use crate::config::{CniEnv, Ipam, NetConf};
 use crate::error::CniResult;
+use crate::hostport;
 use crate::naming::{self};
 use crate::veth;
 
@@ -35,6 +36,10 @@ pub fn del(conf: &NetConf, env: &CniEnv) -> CniResult<()> {
     if let Some(dp) = Datapath::open(&conf.bpffs_root)
         .map_err(|e| datapath_error("cannot open the eBPF datapath", &e))?
     {
+        // Its hostPorts first, where they still point at this pod. Mappings
+        // the runtime sends that cannot be read were never written.
+        let mappings = hostport::mappings(conf).unwrap_or_default();
+        hostport::remove(&dp, &hostport::host_ports(&mappings, &ips))?;
         let mut veths: std::collections::BTreeSet<u32> = link.iter().map(|l| l.index).collect();
         for ip in &ips {
             let ifindex = match (&link, dp.endpoint(*ip)) {

@@ -59,13 +59,22 @@
 #define SVC_CT_LIFETIME_TCP_NS (21600ULL * 1000000000ULL)
 #define SVC_CT_LIFETIME_UDP_NS (120ULL * 1000000000ULL)
 
-/* ferrite_svc key: a frontend. */
+/*
+ * ferrite_svc key: a frontend. @scope keeps apart the node agent's
+ * frontends (Services and NodePorts, SVC_SCOPE_SERVICE) and the hostPorts
+ * that ADD writes for a pod's runtimeConfig.portMappings
+ * (SVC_SCOPE_HOSTPORT, its address the hostIP or the family's
+ * unspecified one), which may share an address and port with a NodePort.
+ */
 struct svc_key {
 	union v6addr addr;
 	__be16 port;
 	__u8 proto;
-	__u8 _pad;
+	__u8 scope;
 };
+
+#define SVC_SCOPE_SERVICE 0
+#define SVC_SCOPE_HOSTPORT 1
 _Static_assert(sizeof(struct svc_key) == 20, "svc_key size");
 
 /* svc_value.flags: sessionAffinity ClientIP. */
@@ -81,9 +90,13 @@ _Static_assert(sizeof(struct svc_key) == 20, "svc_key size");
 /*
  * ferrite_svccfg[0]: SVCCFG_NODEPORTS when the agent programs NodePorts
  * (kube-proxy is not running): only then do from_uplink and from_pod look
- * for them and for their answers.
+ * for them and for their answers. SVCCFG_HOSTPORTS when the node's
+ * network serves hostPorts in the datapath (ferrite, not portmap, has the
+ * portMappings capability): only then do the programs look for them, and
+ * from_pod for their answers to clients off the node.
  */
 #define SVCCFG_NODEPORTS 0x1
+#define SVCCFG_HOSTPORTS 0x2
 
 struct svc_value {
 	__u32 id;		/* the frontend's id, never 0 */
@@ -214,12 +227,47 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrite_svccfg SEC(".maps");
 
-static __always_inline int nodeports_on(void)
+static __always_inline __u32 svc_config(void)
 {
 	__u32 zero = 0;
 	__u32 *cfg = bpf_map_lookup_elem(&ferrite_svccfg, &zero);
 
-	return cfg && (*cfg & SVCCFG_NODEPORTS);
+	return cfg ? *cfg : 0;
+}
+
+static __always_inline int nodeports_on(void)
+{
+	return svc_config() & SVCCFG_NODEPORTS;
+}
+
+static __always_inline int hostports_on(void)
+{
+	return svc_config() & SVCCFG_HOSTPORTS;
+}
+
+/*
+ * Which frontends of the node's own address a packet to it may be for
+ * (svc_forward's @lookup): the hostPorts and, without kube-proxy, the
+ * NodePorts; 0 for none.
+ */
+#define SVC_LOOKUP_NODEPORT 0x1
+#define SVC_LOOKUP_HOSTPORT 0x2
+
+static __always_inline int node_frontends(void)
+{
+	__u32 cfg = svc_config();
+
+	return ((cfg & SVCCFG_NODEPORTS) ? SVC_LOOKUP_NODEPORT : 0) |
+	       ((cfg & SVCCFG_HOSTPORTS) ? SVC_LOOKUP_HOSTPORT : 0);
+}
+
+/* @a becomes the unspecified address of @like's family. */
+static __always_inline void unspecified_like(union v6addr *a,
+					     const union v6addr *like)
+{
+	__builtin_memset(a, 0, sizeof(*a));
+	if (is_v4_mapped(like))
+		v4_mapped(a, 0);
 }
 
 struct {
@@ -342,15 +390,71 @@ static __always_inline __u64 svc_ct_lifetime(__u8 proto)
 }
 
 /*
- * A client's packet (the scratch key, as it was sent; @kind from the
- * parser, @len its length): if it is for a frontend, finds the flow's
+ * A client's packet (@skb, its flow the scratch key as it was sent; @kind
+ * from the parser): if it is for a frontend, finds the flow's
  * backend (choosing one for a new flow), fills the scratch translation
  * and turns the key into the flow as the backend will see it (without
  * the hairpin's source change), which is what NetworkPolicy judges.
+ * @lookup is 0 for a Service address, else the SVC_LOOKUP_* frontends of
+ * the node's own address (the caller checked that it is one).
  * Returns SVC_NONE, SVC_XLATED, SVC_REJECT, or DROP_SVC_NO_BACKEND when
  * the frontend's backends changed under the packet.
  */
-__noinline int svc_forward(int kind, __u32 len, int nodeport)
+/*
+ * Whether the packet in @skb (its flow @key), which no flow of a hostPort
+ * knows, may open one: a TCP segment only if it opens a connection (SYN
+ * without ACK), and a UDP datagram only if no socket of the node's own
+ * namespace is bound to its port. The answers to the node's own
+ * connections and queries sent from a port in the ephemeral range stay
+ * the node's, even when a hostPort has that port (as conntrack keeps them
+ * from portmap's DNAT).
+ */
+static __always_inline int hostport_may_open(struct __sk_buff *skb,
+					     const struct flow_key *key)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct bpf_sock_tuple t = {};
+	struct ethhdr *eth = data;
+	struct bpf_sock *sk;
+	__u32 l4, size;
+	__u8 flags = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return 0;
+		l4 = ETH_HLEN + (ip->ihl & 0xf) * 4;
+		t.ipv4.saddr = key->saddr.w[3];
+		t.ipv4.daddr = key->daddr.w[3];
+		t.ipv4.sport = key->sport;
+		t.ipv4.dport = key->dport;
+		size = sizeof(t.ipv4);
+	} else {
+		l4 = ETH_HLEN + sizeof(struct ipv6hdr);
+		__builtin_memcpy(t.ipv6.saddr, &key->saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, &key->daddr, 16);
+		t.ipv6.sport = key->sport;
+		t.ipv6.dport = key->dport;
+		size = sizeof(t.ipv6);
+	}
+	if (key->proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4 + 13, &flags, 1) < 0)
+			return 0;
+		return (flags & 0x12) == 0x02;
+	}
+	sk = bpf_sk_lookup_udp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	return 1;
+}
+
+__noinline int svc_forward(struct __sk_buff *skb, int kind, int lookup)
 {
 	struct scratch *s = scratch();
 	struct svc_stats *stats;
@@ -363,7 +467,7 @@ __noinline int svc_forward(int kind, __u32 len, int nodeport)
 	__be16 nat_port = 0;
 	__u64 now;
 
-	if (!s)
+	if (!s || !skb)
 		return SVC_NONE;
 	key = &s->key;
 	nat = &s->nat;
@@ -373,14 +477,30 @@ __noinline int svc_forward(int kind, __u32 len, int nodeport)
 		return SVC_NONE;
 	sk.port = key->dport;
 	sk.proto = key->proto;
-	if (nodeport) {
-		/* Every address of the node: the family's unspecified one. */
-		if (is_v4_mapped(&key->daddr))
-			v4_mapped(&sk.addr, 0);
+	sk.addr = key->daddr;
+	if (lookup) {
+		/*
+		 * The node's own address: a hostPort of that address, then
+		 * one of every address (the family's unspecified one), then a
+		 * NodePort.
+		 */
+		svc = NULL;
+		if (lookup & SVC_LOOKUP_HOSTPORT) {
+			sk.scope = SVC_SCOPE_HOSTPORT;
+			svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
+			if (!svc) {
+				unspecified_like(&sk.addr, &key->daddr);
+				svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
+			}
+		}
+		if (!svc && (lookup & SVC_LOOKUP_NODEPORT)) {
+			sk.scope = SVC_SCOPE_SERVICE;
+			unspecified_like(&sk.addr, &key->daddr);
+			svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
+		}
 	} else {
-		sk.addr = key->daddr;
+		svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
 	}
-	svc = bpf_map_lookup_elem(&ferrite_svc, &sk);
 	if (!svc)
 		return SVC_NONE;
 	stats = svc_stats_of(svc->id);
@@ -393,6 +513,9 @@ __noinline int svc_forward(int kind, __u32 len, int nodeport)
 		if (be && now - ct->seen > CT_REFRESH_NS)
 			ct->seen = now;
 	}
+	if (!be && sk.scope == SVC_SCOPE_HOSTPORT &&
+	    !(skb && hostport_may_open(skb, key)))
+		return SVC_NONE;
 	if (!be) {
 		struct svc_ct nct = { .seen = now, .frontend = svc->id };
 		struct svc_rev rev = { .vport = key->dport, .cport = key->sport,
@@ -463,7 +586,7 @@ __noinline int svc_forward(int kind, __u32 len, int nodeport)
 	}
 	if (stats) {
 		stats->packets++;
-		stats->bytes += len;
+		stats->bytes += skb->len;
 	}
 	nat->what = SVC_NAT_DST;
 	nat->frontend = svc->id;

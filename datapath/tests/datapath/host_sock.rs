@@ -18,7 +18,7 @@ use std::{
 
 use ferrite_datapath::{
     host_sock::{cgroup2_root, PROGRAMS},
-    service::{Backend, Frontend, FrontendState},
+    service::{Backend, Frontend, FrontendState, HostPort},
     Datapath,
 };
 
@@ -192,6 +192,11 @@ fn host_sockets_reach_services_and_pods_keep_the_address() {
     let cgroup = Cgroup::new("hostsock");
     in_netns(move || {
         let t = load("host_sock");
+        // As the agent sets it without kube-proxy, hostPorts served.
+        t.dp.service_maps()
+            .unwrap()
+            .set_node_frontends(true, true)
+            .unwrap();
         let st = Command::new("ip")
             .args(["link", "set", "lo", "up"])
             .status()
@@ -257,6 +262,39 @@ fn host_sockets_reach_services_and_pods_keep_the_address() {
         let flows = |id| m.stats(id).unwrap().map_or(0, |s| s.flows);
         assert_eq!((flows(1), flows(2), flows(3), flows(4)), (1, 2, 1, 2));
         assert_eq!(m.stats(5).unwrap().map_or(0, |s| s.rejected), 1);
+
+        // hostPorts: on 127.0.0.1 itself, and on every address (loopback
+        // included), as a hostNetwork pod reaches them.
+        let hp = |host: &str, port: u16, proto: u8, to: u16| HostPort {
+            frontend: Frontend {
+                addr: host.parse().unwrap(),
+                port,
+                proto,
+            },
+            backend: "127.0.0.1".parse().unwrap(),
+            backend_port: to,
+        };
+        m.add_hostport(&hp("127.0.0.1", 54321, 6, tcp4)).unwrap();
+        m.add_hostport(&hp("0.0.0.0", 54322, 17, udp4)).unwrap();
+        let host_ports = || {
+            (
+                client(&cgroup, "tcp", "127.0.0.1", 54321),
+                client(&cgroup, "udp", "127.0.0.1", 54322),
+            )
+        };
+        let served = (
+            "backend-v4 127.0.0.1 54321".to_string(),
+            "pong 127.0.0.1 54322".to_string(),
+        );
+        assert_eq!(host_ports(), served);
+        // With kube-proxy: hostPorts still, ClusterIPs left to it.
+        m.set_node_frontends(false, true).unwrap();
+        assert_eq!(host_ports(), served);
+        assert_eq!(client(&cgroup, "tcp", "10.96.0.10", 80), "error 101");
+        // Served by portmap: nothing of the hooks.
+        m.set_node_frontends(false, false).unwrap();
+        assert_eq!(client(&cgroup, "tcp", "127.0.0.1", 54321), "refused");
+        m.set_node_frontends(true, true).unwrap();
 
         // Again (an agent restart): the same links, nothing new.
         let again = t.dp.attach_host_sockets(&cgroup.0).unwrap();

@@ -683,7 +683,7 @@ fn nodeports_from_outside() {
         let t = node("svcnodeport");
         let dev = devices(2);
         let m = t.dp.service_maps().unwrap();
-        m.set_nodeports(true).unwrap();
+        m.set_node_frontends(true, false).unwrap();
         assert!(m.nodeports().unwrap());
         let (node_v4, node_v6) = (addr("172.20.0.11"), addr("fd00:20::11"));
         t.dp.policy_maps()
@@ -809,10 +809,10 @@ fn nodeports_from_outside() {
             assert_eq!(&out[..6], &PEER_MAC, "back to the sender");
 
             // Without NodePorts switched on, the stack gets it all.
-            m.set_nodeports(false).unwrap();
+            m.set_node_frontends(false, false).unwrap();
             let (v, _) = run(&t, Program::FromUplink, &from_outside(30080, 40003), UPLINK);
             assert_eq!(v, -1, "TC_ACT_UNSPEC: kube-proxy's");
-            m.set_nodeports(true).unwrap();
+            m.set_node_frontends(true, false).unwrap();
         }
     });
 }
@@ -966,6 +966,175 @@ fn a_reused_client_port_to_the_backend_itself_is_not_translated() {
             );
 
             through_service("a later connection through the Service");
+        }
+    });
+}
+
+/// A frame from outside to this node's `node_ip`.
+fn to_node(src: IpAddr, node_ip: IpAddr, proto: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let h = if proto == IPPROTO_TCP {
+        let mut h = tcp(sport, dport);
+        h[13] = flags;
+        h
+    } else {
+        udp(sport, dport)
+    };
+    let h = with_checksum(src, node_ip, proto, h);
+    ip(PEER_MAC, NODE_MAC, src, node_ip, proto, 63, &h)
+}
+
+/// hostPorts (runtimeConfig.portMappings, written by ADD): from outside
+/// and from a pod on the node, a connection to the node's address and the
+/// hostPort goes into the pod and its answers come from the hostPort; a
+/// hostIP's own entry comes before the one of every address; the answers
+/// to the node's own connections and datagrams on that port stay the
+/// node's (a TCP segment opens a flow only with SYN, a datagram only when
+/// no socket of the node has the port); a removed hostPort, or a node that
+/// does not serve them, leaves everything to the stack.
+#[test]
+fn host_ports_from_outside_and_from_pods() {
+    if !privileged("host_ports_from_outside_and_from_pods") {
+        return;
+    }
+    in_netns(|| {
+        use ferrite_datapath::service::HostPort;
+        let t = node("svchostport");
+        let dev = devices(4);
+        let m = t.dp.service_maps().unwrap();
+        m.set_node_frontends(false, true).unwrap();
+        assert!(m.hostports().unwrap() && !m.nodeports().unwrap());
+        let (node_v4, node_v6) = (addr("172.20.0.11"), addr("fd00:20::11"));
+        t.dp.policy_maps()
+            .unwrap()
+            .set_host_addresses(&[node_v4, node_v6])
+            .unwrap();
+        for (f, n) in families() {
+            let i = usize::from(n / 10) * 2;
+            let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
+            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            let (node_ip, outside, any) = if n == 0 {
+                (node_v4, addr("192.0.2.7"), addr("0.0.0.0"))
+            } else {
+                (node_v6, addr("2001:db8::7"), addr("::"))
+            };
+            let hp = |host: IpAddr, port: u16, proto: u8, to: u16| HostPort {
+                frontend: Frontend {
+                    addr: host,
+                    port,
+                    proto,
+                },
+                backend: b.ip,
+                backend_port: to,
+            };
+            let every = hp(any, 54321, IPPROTO_TCP, 8080);
+            let id = m.add_hostport(&every).unwrap();
+            assert!(id >= ferrite_datapath::service::HOSTPORT_ID_MIN);
+            assert!(m
+                .add_hostport(&hp(node_ip, 54322, IPPROTO_TCP, 8081))
+                .is_ok());
+            assert!(m.add_hostport(&hp(any, 54322, IPPROTO_TCP, 8082)).is_ok());
+            m.add_hostport(&hp(any, 5353, IPPROTO_UDP, 53)).unwrap();
+            // The agent's view leaves them out.
+            assert!(m.frontends().unwrap().is_empty());
+            assert!(m.backends().unwrap().is_empty());
+            assert_eq!(
+                m.host_ports()
+                    .unwrap()
+                    .iter()
+                    .filter(|(h, _)| h.backend == b.ip)
+                    .count(),
+                4
+            );
+
+            // From outside: into the pod, the answer from the hostPort.
+            let syn = to_node(outside, node_ip, IPPROTO_TCP, 40000, 54321, 0x02);
+            let (v, out) = run(&t, Program::FromUplink, &syn, UPLINK);
+            assert_eq!(v, TC_ACT_REDIRECT, "{}: into the pod", f.b);
+            assert_eq!(seen(&out), (outside, 40000, b.ip, 8080));
+            let (_, out) = run(
+                &t,
+                Program::FromPod,
+                &sent_tcp(&b, outside, 8080, 40000, 0x12),
+                b.ifindex,
+            );
+            assert_eq!(
+                seen(&out),
+                (node_ip, 54321, outside, 40000),
+                "from the hostPort"
+            );
+            // Later segments of that flow follow it.
+            let ack = to_node(outside, node_ip, IPPROTO_TCP, 40000, 54321, 0x10);
+            let (_, out) = run(&t, Program::FromUplink, &ack, UPLINK);
+            assert_eq!(seen(&out), (outside, 40000, b.ip, 8080));
+
+            // The node's own connection from port 54321: its answers stay.
+            let answer = to_node(outside, node_ip, IPPROTO_TCP, 443, 54321, 0x12);
+            let (v, out) = run(&t, Program::FromUplink, &answer, UPLINK);
+            assert_eq!(v, -1, "TC_ACT_UNSPEC: the node's own");
+            assert_eq!(seen(&out), (outside, 443, node_ip, 54321));
+
+            // The hostIP's own entry first.
+            let (_, out) = run(
+                &t,
+                Program::FromUplink,
+                &to_node(outside, node_ip, IPPROTO_TCP, 40001, 54322, 0x02),
+                UPLINK,
+            );
+            assert_eq!(seen(&out), (outside, 40001, b.ip, 8081));
+
+            // From a pod on the node.
+            let (v, out) = run(
+                &t,
+                Program::FromPod,
+                &sent_tcp(&a, node_ip, 40002, 54321, 0x02),
+                a.ifindex,
+            );
+            assert_eq!(v, TC_ACT_REDIRECT);
+            assert_eq!(seen(&out), (a.ip, 40002, b.ip, 8080));
+            let (_, out) = run(
+                &t,
+                Program::FromPod,
+                &sent_tcp(&b, a.ip, 8080, 40002, 0x12),
+                b.ifindex,
+            );
+            assert_eq!(seen(&out), (node_ip, 54321, a.ip, 40002));
+
+            // UDP: translated, unless a socket of the node has the port.
+            let dgram = to_node(outside, node_ip, IPPROTO_UDP, 40003, 5353, 0);
+            let (_, out) = run(&t, Program::FromUplink, &dgram, UPLINK);
+            assert_eq!(seen(&out), (outside, 40003, b.ip, 53));
+            let bound = std::net::UdpSocket::bind((any, 5353)).unwrap();
+            let dgram = to_node(outside, node_ip, IPPROTO_UDP, 40004, 5353, 0);
+            let (v, out) = run(&t, Program::FromUplink, &dgram, UPLINK);
+            assert_eq!(v, -1, "the node's socket on 5353 keeps it");
+            assert_eq!(seen(&out), (outside, 40004, node_ip, 5353));
+            drop(bound);
+
+            // Removed: only by the pod it points at.
+            let other = HostPort {
+                backend: a.ip,
+                ..every
+            };
+            assert!(!m.remove_hostport(&other).unwrap());
+            assert!(m.remove_hostport(&every).unwrap());
+            let (v, _) = run(
+                &t,
+                Program::FromUplink,
+                &to_node(outside, node_ip, IPPROTO_TCP, 40005, 54321, 0x02),
+                UPLINK,
+            );
+            assert_eq!(v, -1, "removed: the stack's");
+
+            // A node that does not serve hostPorts: the stack's.
+            m.set_node_frontends(false, false).unwrap();
+            let (v, _) = run(
+                &t,
+                Program::FromUplink,
+                &to_node(outside, node_ip, IPPROTO_TCP, 40006, 54322, 0x02),
+                UPLINK,
+            );
+            assert_eq!(v, -1, "not served: the stack's");
+            m.set_node_frontends(false, true).unwrap();
         }
     });
 }

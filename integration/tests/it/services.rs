@@ -253,3 +253,134 @@ fn clusterip_on_real_pods_both_families() {
     }
     drop::<[Pod; 3]>([a, b, c]);
 }
+
+/// hostPorts through the plugin itself (ferrite with the portMappings
+/// capability, as the agent's conflist declares it): ADD writes the pod's
+/// runtimeConfig.portMappings, a pod of the node reaches the node's
+/// address on the hostPort (TCP and UDP) and hears back from it, `ferrite
+/// services` lists them, DEL removes them; a mapping that cannot be served
+/// is refused before anything is made; without the capability the
+/// mappings are another plugin's and nothing is written.
+#[test]
+fn host_ports_written_by_add_and_removed_by_del() {
+    if !privileged("host_ports_written_by_add_and_removed_by_del") {
+        return;
+    }
+    let mut node = Node::new("10.75.0.0/24").unwrap();
+    node.extra = json!({ "capabilities": { "portMappings": true } });
+    // The node's own address (the agent would tell the programs).
+    node.ns.exec("ip addr add 192.0.2.75/32 dev lo").unwrap();
+    let node_ip: IpAddr = "192.0.2.75".parse().unwrap();
+    let a = node.add_pod("1.0.0").unwrap();
+    let root = node.bpffs.path().join("ferrite");
+    let dp = Datapath::open(&root).unwrap().expect("loaded by ADD");
+    let m = dp.service_maps().unwrap();
+    dp.policy_maps()
+        .unwrap()
+        .set_host_addresses(&[node_ip])
+        .unwrap();
+    m.set_node_frontends(false, true).unwrap();
+
+    let mappings = json!([
+        { "hostPort": 28080, "containerPort": 8080, "protocol": "tcp" },
+        { "hostPort": 28080, "containerPort": 5353, "protocol": "udp", "hostIP": "192.0.2.75" },
+    ]);
+    let mut conf = node.conf("1.0.0");
+    conf["runtimeConfig"] = json!({ "portMappings": mappings });
+
+    // Refused whole, nothing made: an SCTP mapping.
+    let mut bad = conf.clone();
+    bad["runtimeConfig"]["portMappings"][1]["protocol"] = json!("sctp");
+    let links = node.links_settled().unwrap();
+    let ns = crate::harness::Netns::new("p").unwrap();
+    let inv = node
+        .invoke("ADD", "hp-bad", Some(&ns.path()), "eth0", &bad, &[])
+        .unwrap();
+    assert_eq!(inv.code(), 7, "{}", inv.stdout);
+    assert!(inv.stdout.contains("portMappings[1]"), "{}", inv.stdout);
+    assert_eq!(node.links_settled().unwrap(), links, "no veth made");
+    assert!(m.host_ports().unwrap().is_empty());
+
+    let ns = crate::harness::Netns::new("p").unwrap();
+    let inv = node
+        .invoke("ADD", "hp-b", Some(&ns.path()), "eth0", &conf, &[])
+        .unwrap();
+    inv.expect_ok();
+    let b_ip: IpAddr = inv.json()["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let view = node
+        .ferrite(&["services", "--bpffs-root", root.to_str().unwrap()])
+        .unwrap();
+    for line in [
+        format!("HostPort 0.0.0.0:28080/tcp -> {b_ip}:8080"),
+        format!("HostPort 192.0.2.75:28080/udp -> {b_ip}:5353"),
+        "hostPorts served (2)".to_string(),
+    ] {
+        assert!(view.contains(&line), "{line:?} in\n{view}");
+    }
+
+    // TCP from a pod of the node to the node's address: into b, which
+    // sees a; the client sees the node's address.
+    let l = ns
+        .run(|| TcpListener::bind(SocketAddr::new(b_ip, 8080)))
+        .unwrap()
+        .unwrap();
+    let srv = serve_tcp_once(l);
+    let seen = tcp_through(&a.ns, SocketAddr::new(node_ip, 28080), 256 * 1024);
+    assert_eq!(seen, a.ip().to_string(), "the pod sees the client");
+    srv.join().unwrap().unwrap();
+    // UDP, connected: the answer comes from the hostPort.
+    let su = serve_udp(&ns, b_ip, 5353, "b");
+    let u =
+        a.ns.run(|| UdpSocket::bind(SocketAddr::new(a.ip(), 0)))
+            .unwrap()
+            .unwrap();
+    u.connect(SocketAddr::new(node_ip, 28080)).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    u.send(b"who").unwrap();
+    let mut buf = [0u8; 256];
+    let n = u.recv(&mut buf).expect("an answer from the hostPort");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), format!("b {}", a.ip()));
+    let stop = ns
+        .run(|| UdpSocket::bind(SocketAddr::new(b_ip, 0)))
+        .unwrap()
+        .unwrap();
+    stop.send_to(b"stop", SocketAddr::new(b_ip, 5353)).unwrap();
+    su.join().unwrap();
+
+    // DEL (the runtime sends the mappings again): gone.
+    let mut del = conf.clone();
+    del["prevResult"] = inv.json();
+    node.invoke("DEL", "hp-b", Some(&ns.path()), "eth0", &del, &[])
+        .unwrap()
+        .expect_ok();
+    assert!(m.host_ports().unwrap().is_empty());
+    let err =
+        a.ns.run(|| {
+            TcpStream::connect_timeout(&SocketAddr::new(node_ip, 28080), Duration::from_secs(2))
+        })
+        .unwrap();
+    assert!(err.is_err(), "nothing behind the hostPort after DEL");
+
+    // Without the capability the mappings are portmap's: none written.
+    let mut other = conf.clone();
+    other.as_object_mut().unwrap().remove("capabilities");
+    let ns2 = crate::harness::Netns::new("p").unwrap();
+    let inv = node
+        .invoke("ADD", "hp-c", Some(&ns2.path()), "eth0", &other, &[])
+        .unwrap();
+    inv.expect_ok();
+    assert!(m.host_ports().unwrap().is_empty());
+    let mut del = other.clone();
+    del["prevResult"] = inv.json();
+    node.invoke("DEL", "hp-c", Some(&ns2.path()), "eth0", &del, &[])
+        .unwrap()
+        .expect_ok();
+    drop(a);
+}
