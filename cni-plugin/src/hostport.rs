@@ -42,14 +42,25 @@ fn bad(i: usize, msg: impl std::fmt::Display) -> CniError {
     )
 }
 
-fn port(i: usize, m: &Value, field: &str) -> CniResult<u16> {
-    match m.get(field) {
+/// `m`'s `field`, its case ignored: containerd sends `HostPort`,
+/// `ContainerPort`, `Protocol` and `HostIP` (Go's field names, as for
+/// bandwidth), podman and libcni's documentation `hostPort` and so on;
+/// the portmap plugin reads both, as Go's JSON decoding does.
+fn field<'a>(m: &'a Value, field: &str) -> Option<&'a Value> {
+    m.as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(field))
+        .map(|(_, v)| v)
+}
+
+fn port(i: usize, m: &Value, name: &str) -> CniResult<u16> {
+    match field(m, name) {
         Some(v) => v
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
-            .ok_or_else(|| bad(i, format!("{field} must be a port, 1-65535 (got {v})"))),
-        None => Err(bad(i, format!("{field} is missing"))),
+            .ok_or_else(|| bad(i, format!("{name} must be a port, 1-65535 (got {v})"))),
+        None => Err(bad(i, format!("{name} is missing"))),
     }
 }
 
@@ -62,47 +73,59 @@ pub fn mappings(conf: &NetConf) -> CniResult<Vec<Mapping>> {
     }
     let mut out = Vec::new();
     for (i, m) in conf.runtime_config.port_mappings.iter().enumerate() {
-        if !m.is_object() {
-            return Err(bad(i, "must be an object"));
-        }
-        let host_port = port(i, m, "hostPort")?;
-        let container_port = port(i, m, "containerPort")?;
-        let proto = match m.get("protocol") {
-            None | Some(Value::Null) => TCP,
-            Some(Value::String(p)) => match p.to_ascii_lowercase().as_str() {
-                "" | "tcp" => TCP,
-                "udp" => UDP,
-                other => {
-                    return Err(bad(
-                        i,
-                        format!(
-                            "protocol {other:?}: ferrite serves TCP and UDP hostPorts (chain the portmap plugin for others)"
-                        ),
-                    ))
-                }
-            },
-            Some(v) => return Err(bad(i, format!("protocol must be a string (got {v})"))),
-        };
-        let host_ip = match m.get("hostIP") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) => {
-                let ip: IpAddr = s
-                    .parse()
-                    .map_err(|_| bad(i, format!("hostIP {s:?} is not an IP address")))?;
-                // 0.0.0.0 and :: mean every address, as for portmap.
-                (!ip.is_unspecified()).then_some(ip)
-            }
-            Some(v) => return Err(bad(i, format!("hostIP must be a string (got {v})"))),
-        };
-        out.push(Mapping {
-            host_port,
-            container_port,
-            proto,
-            host_ip,
-        });
+        out.extend(mapping(i, m).map_err(|e| e.with_details(m))?);
     }
     Ok(out)
+}
+
+/// Entry `i`, `m`: None for a port without a hostPort.
+fn mapping(i: usize, m: &Value) -> CniResult<Option<Mapping>> {
+    if !m.is_object() {
+        return Err(bad(i, "must be an object"));
+    }
+    // containerd sends every port of the pod's containers, those
+    // without a hostPort with none (or 0): they map nothing.
+    let host_port = field(m, "hostPort");
+    if matches!(host_port, None | Some(Value::Null)) || host_port.and_then(Value::as_u64) == Some(0)
+    {
+        return Ok(None);
+    }
+    let host_port = port(i, m, "hostPort")?;
+    let container_port = port(i, m, "containerPort")?;
+    let proto = match field(m, "protocol") {
+        None | Some(Value::Null) => TCP,
+        Some(Value::String(p)) => match p.to_ascii_lowercase().as_str() {
+            "" | "tcp" => TCP,
+            "udp" => UDP,
+            other => {
+                return Err(bad(
+                    i,
+                    format!(
+                        "protocol {other:?}: ferrite serves TCP and UDP hostPorts (chain the portmap plugin for others)"
+                    ),
+                ))
+            }
+        },
+        Some(v) => return Err(bad(i, format!("protocol must be a string (got {v})"))),
+    };
+    let host_ip = match field(m, "hostIP") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => {
+            let ip: IpAddr = s
+                .parse()
+                .map_err(|_| bad(i, format!("hostIP {s:?} is not an IP address")))?;
+            // 0.0.0.0 and :: mean every address, as for portmap.
+            (!ip.is_unspecified()).then_some(ip)
+        }
+        Some(v) => return Err(bad(i, format!("hostIP must be a string (got {v})"))),
+    };
+    Ok(Some(Mapping {
+        host_port,
+        container_port,
+        proto,
+        host_ip,
+    }))
 }
 
 fn unspecified_like(ip: IpAddr) -> IpAddr {
@@ -248,6 +271,36 @@ mod tests {
     }
 
     #[test]
+    fn ports_without_a_host_port_map_nothing() {
+        // As containerd sends a pod's ports that have no hostPort.
+        let m = json!([
+            {"containerPort": 8080, "protocol": "tcp"},
+            {"hostPort": 0, "containerPort": 9000, "protocol": "udp"},
+            {"hostPort": 8081, "containerPort": 81},
+        ]);
+        let got = mappings(&conf(true, m)).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].host_port, got[0].container_port), (8081, 81));
+    }
+
+    #[test]
+    fn containerds_capitalised_keys() {
+        let m = json!([
+            {"HostPort": 0, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": ""},
+            {"HostPort": 54321, "ContainerPort": 8080, "Protocol": "udp", "HostIP": "127.0.0.1"},
+        ]);
+        assert_eq!(
+            mappings(&conf(true, m)).unwrap(),
+            vec![Mapping {
+                host_port: 54321,
+                container_port: 8080,
+                proto: UDP,
+                host_ip: Some("127.0.0.1".parse().unwrap())
+            }]
+        );
+    }
+
+    #[test]
     fn protocols_and_host_ips() {
         let m = json!([
             {"hostPort": 1, "containerPort": 2, "protocol": "UDP", "hostIP": "127.0.0.1"},
@@ -264,9 +317,8 @@ mod tests {
     #[test]
     fn bad_mappings_are_refused_with_their_index() {
         for (m, says) in [
-            (json!([{"containerPort": 80}]), "[0]: hostPort is missing"),
             (
-                json!([{"hostPort": 1, "containerPort": 2}, {"hostPort": 0, "containerPort": 80}]),
+                json!([{"hostPort": 1, "containerPort": 2}, {"hostPort": -1, "containerPort": 80}]),
                 "[1]: hostPort must be a port",
             ),
             (

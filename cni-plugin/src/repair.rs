@@ -14,7 +14,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ferrite_datapath::{AttachMode, Datapath, Endpoint, ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK};
+use ferrite_datapath::{
+    AttachMode, Datapath, Endpoint, ENDPOINT_F_HOSTPORT, ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK,
+};
 
 use crate::addresses;
 use crate::config::NetConf;
@@ -55,6 +57,16 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
     }
     let group = naming::host_veth_group(&conf.name);
     let alias = naming::host_veth_alias(&conf.name);
+    let host_port_pods: std::collections::HashSet<IpAddr> = if conf.host_ports {
+        dp.service_maps()
+            .and_then(|m| Ok(m.host_ports()?))
+            .map_err(|e| dp_err("cannot read the hostPorts", &e))?
+            .into_iter()
+            .map(|(hp, _)| hp.backend)
+            .collect()
+    } else {
+        Default::default()
+    };
     let mut found = Vec::new();
     for ((cid, ifname), ips) in pods {
         let name = naming::host_veth_name(&cid, &ifname);
@@ -87,6 +99,10 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
         }
         if qdiscs.iter().any(|(_, kind)| kind == "ingress") {
             flags |= ENDPOINT_F_VIA_STACK;
+        }
+        // hostPorts are in the maps every version shares.
+        if ips.iter().any(|ip| host_port_pods.contains(ip)) {
+            flags |= ENDPOINT_F_HOSTPORT;
         }
         // A veth keeps the attach mode it was made with.
         let mode = Datapath::attach_mode_of(link.index)

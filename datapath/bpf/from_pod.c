@@ -91,7 +91,8 @@ static __always_inline int handle_arp(struct ethhdr *eth, void *data_end,
  * policy let it go).
  */
 static __always_inline int check_source(const union v6addr *saddr,
-					const __u8 *smac, __u32 ifindex)
+					const __u8 *smac, __u32 ifindex,
+					__u32 *flags)
 {
 	struct endpoint *ep = bpf_map_lookup_elem(&ferrite_endpts, saddr);
 
@@ -99,6 +100,7 @@ static __always_inline int check_source(const union v6addr *saddr,
 		return DROP_SPOOFED_IP;
 	if (!mac_eq(ep->pod_mac, smac))
 		return DROP_SPOOFED_MAC;
+	*flags = ep->flags;
 	if (ep->flags & ENDPOINT_F_VIA_STACK)
 		return TC_ACT_UNSPEC;
 	return 0;
@@ -256,7 +258,8 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb)
 
 static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 				 int kind, int nat_ok, __u32 l4_off,
-				 struct endpoint **dst, int *dir, __u32 ifindex)
+				 struct endpoint **dst, int *dir, __u32 ifindex,
+				 __u32 src_flags)
 {
 	int svc_kind = nat_ok ? kind : FLOW_OTHER;
 	int lookup = node_frontends();
@@ -279,10 +282,13 @@ static __always_inline int judge(struct __sk_buff *skb, struct scratch *s,
 	*dst = bpf_map_lookup_elem(&ferrite_endpts, &s->key.daddr);
 	/*
 	 * An answer from a backend goes to a client here, to its Service
-	 * (hairpin), or (hostPorts, NodePorts) to a client outside.
+	 * (hairpin), or (NodePorts, a hostPort's pod) to a client outside.
 	 */
 	if (*dir == XLATE_NONE &&
-	    (*dst || is_service_address(&s->key.daddr) || lookup) &&
+	    (*dst || is_service_address(&s->key.daddr) ||
+	     (lookup & SVC_LOOKUP_NODEPORT) ||
+	     ((lookup & SVC_LOOKUP_HOSTPORT) &&
+	      (src_flags & ENDPOINT_F_HOSTPORT))) &&
 	    svc_reverse(svc_kind) == SVC_XLATED) {
 		*dir = XLATE_REVERSE;
 		if (s->nat.what & SVC_NAT_DST)
@@ -354,7 +360,7 @@ static __noinline int handle_ipv4(struct __sk_buff *skb,
 	struct endpoint *dst = NULL;
 	union v6addr saddr;
 	int via_stack, dir, ret;
-	__u32 l4_off;
+	__u32 l4_off, src_flags = 0;
 
 	if (!sc)
 		return DROP_MALFORMED;
@@ -364,14 +370,14 @@ static __noinline int handle_ipv4(struct __sk_buff *skb,
 		return DROP_MALFORMED;
 
 	v4_mapped(&saddr, ip->saddr);
-	ret = check_source(&saddr, eth->h_source, ifindex);
+	ret = check_source(&saddr, eth->h_source, ifindex, &src_flags);
 	if (ret != 0 && ret != TC_ACT_UNSPEC)
 		return ret;
 	via_stack = ret == TC_ACT_UNSPEC;
 
 	l4_off = ETH_HLEN + (ip->ihl & 0xf) * 4;
 	ret = judge(skb, sc, flow_of_ipv4(skb, &sc->key, ETH_HLEN), 1, l4_off,
-		    &dst, &dir, ifindex);
+		    &dst, &dir, ifindex, src_flags);
 	if (ret == FLOW_REJECT)
 		return reject(skb, sc->key.proto, ifindex);
 	if (settled(ret))
@@ -464,6 +470,7 @@ static __noinline int handle_ipv6(struct __sk_buff *skb,
 	struct endpoint *dst = NULL;
 	union v6addr saddr;
 	int via_stack, dir, kind, nat_ok, ret;
+	__u32 src_flags = 0;
 
 	if (!sc)
 		return DROP_MALFORMED;
@@ -488,7 +495,7 @@ static __noinline int handle_ipv6(struct __sk_buff *skb,
 		return TC_ACT_OK;
 	}
 
-	ret = check_source(&saddr, eth->h_source, ifindex);
+	ret = check_source(&saddr, eth->h_source, ifindex, &src_flags);
 	if (ret != 0 && ret != TC_ACT_UNSPEC)
 		return ret;
 	via_stack = ret == TC_ACT_UNSPEC;
@@ -515,7 +522,7 @@ static __noinline int handle_ipv6(struct __sk_buff *skb,
 	nat_ok = ip6->nexthdr == sc->key.proto;
 
 	ret = judge(skb, sc, kind, nat_ok, ETH_HLEN + sizeof(struct ipv6hdr),
-		    &dst, &dir, ifindex);
+		    &dst, &dir, ifindex, src_flags);
 	if (ret == FLOW_REJECT)
 		return reject(skb, sc->key.proto, ifindex);
 	if (settled(ret))

@@ -40,7 +40,10 @@ pub enum AttachMode {
     /// TCX (Linux 6.6): coexists with any qdisc, costs an RCU grace period.
     Tcx,
 }
-pub use types::{Endpoint, EndpointStats, ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK, MAX_ENDPOINTS};
+pub use types::{
+    Endpoint, EndpointStats, ENDPOINT_F_HOSTPORT, ENDPOINT_F_SHAPED, ENDPOINT_F_VIA_STACK,
+    MAX_ENDPOINTS,
+};
 
 use maps::Maps;
 

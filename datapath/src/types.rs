@@ -13,6 +13,9 @@ pub const ENDPOINT_F_SHAPED: u32 = 1;
 /// Mirrors `ENDPOINT_F_VIA_STACK` in bpf/lib/common.h: what the pod sends
 /// passes on to a chained plugin's ingress qdisc instead of the fast path.
 pub const ENDPOINT_F_VIA_STACK: u32 = 2;
+/// Mirrors `ENDPOINT_F_HOSTPORT` in bpf/lib/common.h: a hostPort leads into
+/// this pod, whose answers to clients off the node need translating back.
+pub const ENDPOINT_F_HOSTPORT: u32 = 4;
 
 /// Capacity of the endpoint map (FERRITE_MAX_ENDPOINTS in bpf/lib/common.h).
 pub const MAX_ENDPOINTS: usize = 16384;

@@ -280,9 +280,13 @@ fn setup(
         veth::undo_pair(host_nl, link);
         return Err(err);
     }
+    let mut flags = limits.endpoint_flags(conf.chained_bandwidth);
+    if !host_ports.is_empty() {
+        flags |= ferrite_datapath::ENDPOINT_F_HOSTPORT;
+    }
     let endpoint = Endpoint {
         ifindex: link.host.index,
-        flags: limits.endpoint_flags(conf.chained_bandwidth),
+        flags,
         pod_mac: link.pod_mac,
         host_mac: link.host.mac,
     };

@@ -9,6 +9,7 @@ use super::{datapath_error, host_netlink};
 use crate::addresses;
 use crate::config::NetConf;
 use crate::error::{CniError, CniResult, Code};
+use crate::hostport;
 use crate::naming::{self};
 use crate::veth;
 
@@ -70,18 +71,31 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
             }
         }
         // Entries for addresses of this pool that no record holds.
+        let in_pool = |ip| {
+            pool.sets
+                .iter()
+                .any(|s| s.0.iter().any(|r| r.subnet.contains(ip)))
+        };
         let entries = dp
             .endpoints()
             .map_err(|e| datapath_error("cannot read the endpoint map", &e))?;
         for (ip, ep) in entries {
-            let in_pool = pool
-                .sets
-                .iter()
-                .any(|s| s.0.iter().any(|r| r.subnet.contains(ip)));
-            if in_pool && locked.state().owner_of(ip).is_none() {
+            if in_pool(ip) && locked.state().owner_of(ip).is_none() {
                 dp.remove_endpoint(ip, ep.ifindex)
                     .map_err(|e| datapath_error("cannot remove an endpoint", &e))?;
             }
+        }
+        // hostPorts to such addresses (a DEL that never came).
+        if conf.host_ports {
+            let orphans: Vec<_> = dp
+                .service_maps()
+                .and_then(|m| Ok(m.host_ports()?))
+                .map_err(|e| datapath_error("cannot read the hostPorts", &e))?
+                .into_iter()
+                .map(|(hp, _)| hp)
+                .filter(|hp| in_pool(hp.backend) && locked.state().owner_of(hp.backend).is_none())
+                .collect();
+            hostport::remove(dp, &orphans)?;
         }
     }
     locked

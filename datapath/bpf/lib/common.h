@@ -47,6 +47,14 @@ _Static_assert(sizeof(union v6addr) == 16, "v6addr size");
 #define ENDPOINT_F_VIA_STACK 0x2
 
 /*
+ * endpoint.flags: a hostPort sends packets into the pod (ADD wrote its
+ * runtimeConfig.portMappings), so from_pod looks for a translated flow's
+ * answer in what it sends to addresses off the node; other pods' packets
+ * to other nodes skip that look-up.
+ */
+#define ENDPOINT_F_HOSTPORT 0x4
+
+/*
  * skb->mark from_pod sets on a packet it redirects to a shaped pod's host
  * veth, so to_pod does not take it for a flow the host stack delivered.
  * Crossing into the pod namespace scrubs marks; to_pod clears it anyway.

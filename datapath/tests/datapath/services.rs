@@ -1011,7 +1011,16 @@ fn host_ports_from_outside_and_from_pods() {
         for (f, n) in families() {
             let i = usize::from(n / 10) * 2;
             let a = Pod::new(f.a, dev[i], 1 + n).add_to(&t.dp);
-            let b = Pod::new(f.b, dev[i + 1], 2 + n).add_to(&t.dp);
+            // As ADD flags a pod it writes hostPorts for.
+            let b = Pod::new(f.b, dev[i + 1], 2 + n);
+            t.dp.upsert_endpoint(
+                b.ip,
+                &ferrite_datapath::Endpoint {
+                    flags: ferrite_datapath::ENDPOINT_F_HOSTPORT,
+                    ..b.endpoint()
+                },
+            )
+            .unwrap();
             let (node_ip, outside, any) = if n == 0 {
                 (node_v4, addr("192.0.2.7"), addr("0.0.0.0"))
             } else {
