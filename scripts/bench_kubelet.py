@@ -3,7 +3,8 @@
 On a one-node cluster (scripts/cluster up --nodes 1, containerd logging at
 debug level), 100 pods pinned to the node are created at once (one
 `kubectl apply` of a List), three times with each network: ferrite as
-deploy/ installs it, then the reference plugins as kindnet installs them
+deploy/ installs it (serving hostPorts itself: no portmap in its chain),
+then the reference plugins as kindnet installs them
 (ptp + host-local + portmap), then bridge + host-local with ipMasq (+
 portmap), each in a conflist of its own after ferrite's DaemonSet is
 deleted. An unmeasured round comes first (the first pods on the node also
@@ -129,7 +130,9 @@ def sandbox_times(logfile: Path, ns: str, plugin: dict = None) -> dict:
     `plugin` (ferrite's own ADD times by sandbox id) "plugin_ms" (ferrite's
     ADD inside it), "before_ms" (CNI set-up begun to ferrite's ADD begun:
     the loopback plugin, ferrite's exec and parsing) and "after_ms"
-    (ferrite's ADD done to CNI set-up done: its exit, then portmap)."""
+    (ferrite's ADD done to CNI set-up done: its exit, then portmap where
+    the conflist chains it: deploy/'s does not since hostPorts moved into
+    the datapath)."""
     start, end, ids, cni0, cni1 = {}, {}, {}, {}, {}
     for line in logfile.read_text(errors="replace").splitlines():
         m = TS.match(line)
@@ -268,7 +271,7 @@ def inside_table(who: str, f: dict) -> str:
         return ""
     part = [("ferrite's ADD, from its own log (the process's main to its answer)", "plugin_ms"),
             ("CNI set-up begun to ferrite's ADD begun (the loopback plugin, ferrite's exec)", "before_ms"),
-            ("ferrite's ADD answered to CNI set-up done (ferrite's exit, portmap)", "after_ms")]
+            ("ferrite's ADD answered to CNI set-up done (ferrite's exit; portmap if chained)", "after_ms")]
     return (f"Inside {who}'s CNI set-up (n = {f['plugin_ms']['n']}):\n\n| part | p50 ms | p95 | p99 |\n"
             "|---|---|---|---|\n" + "\n".join(
                 f"| {what} | {f[k]['p50']:.2f} | {f[k]['p95']:.2f} | {f[k]['p99']:.2f} |" for what, k in part)
