@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::config::NetConf;
 use crate::error::{CniError, CniResult, Code};
+use crate::service_view::{proto, socket};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -217,24 +218,13 @@ pub fn remove(dp: &Datapath, hps: &[HostPort]) -> CniResult<()> {
     Ok(())
 }
 
-fn endpoint(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
-}
-
 /// `0.0.0.0:8080/tcp -> 10.244.1.5:80`, as `ferrite services` shows it.
 pub fn describe(hp: &HostPort) -> String {
-    let proto = match hp.frontend.proto {
-        TCP => "tcp".to_string(),
-        UDP => "udp".to_string(),
-        p => format!("proto{p}"),
-    };
     format!(
-        "{}/{proto} -> {}",
-        endpoint(hp.frontend.addr, hp.frontend.port),
-        endpoint(hp.backend, hp.backend_port)
+        "{}/{} -> {}",
+        socket(hp.frontend.addr, hp.frontend.port),
+        proto(hp.frontend.proto),
+        socket(hp.backend, hp.backend_port)
     )
 }
 

@@ -58,8 +58,7 @@ pub fn restore(conf: &NetConf, dp: &Datapath, nl: &mut Netlink) -> CniResult<Rep
     let group = naming::host_veth_group(&conf.name);
     let alias = naming::host_veth_alias(&conf.name);
     let host_port_pods: std::collections::HashSet<IpAddr> = if conf.host_ports {
-        dp.service_maps()
-            .and_then(|m| Ok(m.host_ports()?))
+        dp.host_ports()
             .map_err(|e| dp_err("cannot read the hostPorts", &e))?
             .into_iter()
             .map(|(hp, _)| hp.backend)

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use ferrite_datapath::service::{Backend, Frontend};
 use ferrite_datapath::Datapath;
 
-fn proto(p: u8) -> String {
+pub(crate) fn proto(p: u8) -> String {
     match p {
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -20,7 +20,7 @@ fn proto(p: u8) -> String {
     }
 }
 
-fn socket(addr: IpAddr, port: u16) -> String {
+pub(crate) fn socket(addr: IpAddr, port: u16) -> String {
     match addr {
         IpAddr::V4(a) => format!("{a}:{port}"),
         IpAddr::V6(a) => format!("[{a}]:{port}"),

@@ -126,12 +126,12 @@ static __always_inline int is_loopback(const union v6addr *a, int v6)
  * The hostPort (or, without kube-proxy, the NodePort) the address and
  * port in @sk stand for, if it is one of the node's own addresses or
  * loopback: a hostPort of that very address (127.0.0.1 included), then
- * one of every address, then a NodePort. @sk's address may change.
+ * one of every address, then a NodePort; @lookup says which the node
+ * serves (SVC_LOOKUP_*). @sk's address may change.
  */
 static __always_inline struct svc_value *node_frontend(struct svc_key *sk,
-						       int v6)
+						       int v6, int lookup)
 {
-	int lookup = node_frontends();
 	struct svc_value *svc = NULL;
 	union v6addr addr = sk->addr;
 
@@ -170,6 +170,7 @@ static __always_inline int sock_forward(struct bpf_sock_addr *ctx, int v6)
 	struct svc_key sk = {};
 	struct svc_value *svc;
 	struct backend *be;
+	int lookup;
 	__u32 id;
 	__u8 proto;
 
@@ -183,9 +184,10 @@ static __always_inline int sock_forward(struct bpf_sock_addr *ctx, int v6)
 	sk.proto = proto;
 	rev.vip = sk.addr;
 	rev.vport = sk.port;
-	svc = node_frontend(&sk, v6);
+	lookup = node_frontends();
+	svc = node_frontend(&sk, v6, lookup);
 	/* Services only where kube-proxy does not serve them. */
-	if (!svc && nodeports_on()) {
+	if (!svc && (lookup & SVC_LOOKUP_NODEPORT)) {
 		sk.addr = rev.vip;
 		sk.scope = SVC_SCOPE_SERVICE;
 		svc = bpf_map_lookup_elem(&ferrite_svc, &sk);

@@ -225,6 +225,11 @@ fn backend_of(v: &[u8; 32]) -> Backend {
 }
 
 impl crate::Datapath {
+    /// Every hostPort of the node with its id ([`ServiceMaps::host_ports`]).
+    pub fn host_ports(&self) -> Result<Vec<(HostPort, u32)>, crate::DatapathError> {
+        Ok(self.service_maps()?.host_ports()?)
+    }
+
     /// Handles to the Service maps.
     pub fn service_maps(&self) -> Result<ServiceMaps, crate::DatapathError> {
         Ok(ServiceMaps {
@@ -241,11 +246,15 @@ impl crate::Datapath {
 }
 
 impl ServiceMaps {
-    fn entry(&self, fe: &Frontend) -> Result<Option<[u8; 16]>, MapError> {
+    fn entry_at(&self, key: &[u8; 20]) -> Result<Option<[u8; 16]>, MapError> {
         let mut v = [0u8; 16];
-        Ok(sys::map_lookup(self.svc.as_fd(), &svc_key(fe), &mut v)
+        Ok(sys::map_lookup(self.svc.as_fd(), key, &mut v)
             .map_err(on(SVC_MAP))?
             .then_some(v))
+    }
+
+    fn entry(&self, fe: &Frontend) -> Result<Option<[u8; 16]>, MapError> {
+        self.entry_at(&svc_key(fe))
     }
 
     /// Every frontend with what it holds.
@@ -288,12 +297,12 @@ impl ServiceMaps {
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
         let mut out = Vec::new();
         for k in keys::<4>(&self.backends, BACKEND_MAP)? {
-            if u32::from_ne_bytes(k) >= HOSTPORT_ID_MIN {
+            let id = u32::from_ne_bytes(k);
+            if id >= HOSTPORT_ID_MIN {
                 continue;
             }
-            let mut v = [0u8; 32];
-            if sys::map_lookup(self.backends.as_fd(), &k, &mut v).map_err(on(BACKEND_MAP))? {
-                out.push((u32::from_ne_bytes(k), backend_of(&v)));
+            if let Some(b) = self.backend(id)? {
+                out.push((id, b));
             }
         }
         out.sort_by_key(|(id, _)| *id);
@@ -437,11 +446,9 @@ impl ServiceMaps {
         Ok(self.config()? & SVCCFG_HOSTPORTS != 0)
     }
 
+    /// The id of hostPort `fe`'s entry.
     fn hostport_entry(&self, fe: &Frontend) -> Result<Option<u32>, MapError> {
-        let mut v = [0u8; 16];
-        Ok(sys::map_lookup(self.svc.as_fd(), &hostport_key(fe), &mut v)
-            .map_err(on(SVC_MAP))?
-            .then(|| u32_at(&v, 0)))
+        Ok(self.entry_at(&hostport_key(fe))?.map(|v| u32_at(&v, 0)))
     }
 
     fn backend(&self, id: u32) -> Result<Option<Backend>, MapError> {

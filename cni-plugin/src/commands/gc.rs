@@ -88,8 +88,7 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         // hostPorts to such addresses (a DEL that never came).
         if conf.host_ports {
             let orphans: Vec<_> = dp
-                .service_maps()
-                .and_then(|m| Ok(m.host_ports()?))
+                .host_ports()
                 .map_err(|e| datapath_error("cannot read the hostPorts", &e))?
                 .into_iter()
                 .map(|(hp, _)| hp)

@@ -227,24 +227,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferrite_svccfg SEC(".maps");
 
-static __always_inline __u32 svc_config(void)
-{
-	__u32 zero = 0;
-	__u32 *cfg = bpf_map_lookup_elem(&ferrite_svccfg, &zero);
-
-	return cfg ? *cfg : 0;
-}
-
-static __always_inline int nodeports_on(void)
-{
-	return svc_config() & SVCCFG_NODEPORTS;
-}
-
-static __always_inline int hostports_on(void)
-{
-	return svc_config() & SVCCFG_HOSTPORTS;
-}
-
 /*
  * Which frontends of the node's own address a packet to it may be for
  * (svc_forward's @lookup): the hostPorts and, without kube-proxy, the
@@ -255,7 +237,9 @@ static __always_inline int hostports_on(void)
 
 static __always_inline int node_frontends(void)
 {
-	__u32 cfg = svc_config();
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&ferrite_svccfg, &zero);
+	__u32 cfg = on ? *on : 0;
 
 	return ((cfg & SVCCFG_NODEPORTS) ? SVC_LOOKUP_NODEPORT : 0) |
 	       ((cfg & SVCCFG_HOSTPORTS) ? SVC_LOOKUP_HOSTPORT : 0);

@@ -1001,6 +1001,7 @@ fn host_ports_from_outside_and_from_pods() {
         let t = node("svchostport");
         let dev = devices(4);
         let m = t.dp.service_maps().unwrap();
+        let uplink = |pkt: &[u8]| run(&t, Program::FromUplink, pkt, UPLINK);
         m.set_node_frontends(false, true).unwrap();
         assert!(m.hostports().unwrap() && !m.nodeports().unwrap());
         let (node_v4, node_v6) = (addr("172.20.0.11"), addr("fd00:20::11"));
@@ -1057,7 +1058,7 @@ fn host_ports_from_outside_and_from_pods() {
 
             // From outside: into the pod, the answer from the hostPort.
             let syn = to_node(outside, node_ip, IPPROTO_TCP, 40000, 54321, 0x02);
-            let (v, out) = run(&t, Program::FromUplink, &syn, UPLINK);
+            let (v, out) = uplink(&syn);
             assert_eq!(v, TC_ACT_REDIRECT, "{}: into the pod", f.b);
             assert_eq!(seen(&out), (outside, 40000, b.ip, 8080));
             let (_, out) = run(
@@ -1073,22 +1074,17 @@ fn host_ports_from_outside_and_from_pods() {
             );
             // Later segments of that flow follow it.
             let ack = to_node(outside, node_ip, IPPROTO_TCP, 40000, 54321, 0x10);
-            let (_, out) = run(&t, Program::FromUplink, &ack, UPLINK);
+            let (_, out) = uplink(&ack);
             assert_eq!(seen(&out), (outside, 40000, b.ip, 8080));
 
             // The node's own connection from port 54321: its answers stay.
             let answer = to_node(outside, node_ip, IPPROTO_TCP, 443, 54321, 0x12);
-            let (v, out) = run(&t, Program::FromUplink, &answer, UPLINK);
+            let (v, out) = uplink(&answer);
             assert_eq!(v, -1, "TC_ACT_UNSPEC: the node's own");
             assert_eq!(seen(&out), (outside, 443, node_ip, 54321));
 
             // The hostIP's own entry first.
-            let (_, out) = run(
-                &t,
-                Program::FromUplink,
-                &to_node(outside, node_ip, IPPROTO_TCP, 40001, 54322, 0x02),
-                UPLINK,
-            );
+            let (_, out) = uplink(&to_node(outside, node_ip, IPPROTO_TCP, 40001, 54322, 0x02));
             assert_eq!(seen(&out), (outside, 40001, b.ip, 8081));
 
             // From a pod on the node.
@@ -1110,11 +1106,11 @@ fn host_ports_from_outside_and_from_pods() {
 
             // UDP: translated, unless a socket of the node has the port.
             let dgram = to_node(outside, node_ip, IPPROTO_UDP, 40003, 5353, 0);
-            let (_, out) = run(&t, Program::FromUplink, &dgram, UPLINK);
+            let (_, out) = uplink(&dgram);
             assert_eq!(seen(&out), (outside, 40003, b.ip, 53));
             let bound = std::net::UdpSocket::bind((any, 5353)).unwrap();
             let dgram = to_node(outside, node_ip, IPPROTO_UDP, 40004, 5353, 0);
-            let (v, out) = run(&t, Program::FromUplink, &dgram, UPLINK);
+            let (v, out) = uplink(&dgram);
             assert_eq!(v, -1, "the node's socket on 5353 keeps it");
             assert_eq!(seen(&out), (outside, 40004, node_ip, 5353));
             drop(bound);
@@ -1126,22 +1122,12 @@ fn host_ports_from_outside_and_from_pods() {
             };
             assert!(!m.remove_hostport(&other).unwrap());
             assert!(m.remove_hostport(&every).unwrap());
-            let (v, _) = run(
-                &t,
-                Program::FromUplink,
-                &to_node(outside, node_ip, IPPROTO_TCP, 40005, 54321, 0x02),
-                UPLINK,
-            );
+            let (v, _) = uplink(&to_node(outside, node_ip, IPPROTO_TCP, 40005, 54321, 0x02));
             assert_eq!(v, -1, "removed: the stack's");
 
             // A node that does not serve hostPorts: the stack's.
             m.set_node_frontends(false, false).unwrap();
-            let (v, _) = run(
-                &t,
-                Program::FromUplink,
-                &to_node(outside, node_ip, IPPROTO_TCP, 40006, 54322, 0x02),
-                UPLINK,
-            );
+            let (v, _) = uplink(&to_node(outside, node_ip, IPPROTO_TCP, 40006, 54322, 0x02));
             assert_eq!(v, -1, "not served: the stack's");
             m.set_node_frontends(false, true).unwrap();
         }

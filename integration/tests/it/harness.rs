@@ -225,16 +225,14 @@ impl Node {
 
     /// ADD a pod in a fresh namespace; returns the pod and its result.
     pub fn add_pod(&self, version: &str) -> Result<Pod<'_>> {
+        self.add_pod_with(self.conf(version))
+    }
+
+    /// ADD a pod with `conf` (which DEL and CHECK send again).
+    pub fn add_pod_with(&self, conf: Value) -> Result<Pod<'_>> {
         let ns = Netns::new("p")?;
         let id = unique("c");
-        let inv = self.invoke(
-            "ADD",
-            &id,
-            Some(&ns.path()),
-            "eth0",
-            &self.conf(version),
-            &[],
-        )?;
+        let inv = self.invoke("ADD", &id, Some(&ns.path()), "eth0", &conf, &[])?;
         if !inv.ok {
             bail!("ADD failed: {} {}", inv.stdout, inv.stderr);
         }
@@ -244,7 +242,7 @@ impl Node {
             ns,
             id,
             result,
-            version: version.to_string(),
+            conf,
             deleted: false,
         })
     }
@@ -341,7 +339,8 @@ pub struct Pod<'a> {
     pub ns: Netns,
     pub id: String,
     pub result: Value,
-    pub version: String,
+    /// The configuration ADD got.
+    pub conf: Value,
     pub deleted: bool,
 }
 
@@ -372,7 +371,7 @@ impl Pod<'_> {
     }
 
     pub fn conf_with_prev(&self) -> Value {
-        let mut c = self.node.conf(&self.version);
+        let mut c = self.conf.clone();
         c["prevResult"] = self.result.clone();
         c
     }

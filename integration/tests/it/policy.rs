@@ -39,7 +39,7 @@ fn add_k8s_pod<'a>(node: &'a Node, namespace: &str, name: &str) -> Pod<'a> {
         ns,
         id,
         result: inv.json(),
-        version: "1.1.0".into(),
+        conf: node.conf("1.1.0"),
         deleted: false,
     }
 }

@@ -301,19 +301,8 @@ fn host_ports_written_by_add_and_removed_by_del() {
     assert_eq!(node.links_settled().unwrap(), links, "no veth made");
     assert!(m.host_ports().unwrap().is_empty());
 
-    let ns = crate::harness::Netns::new("p").unwrap();
-    let inv = node
-        .invoke("ADD", "hp-b", Some(&ns.path()), "eth0", &conf, &[])
-        .unwrap();
-    inv.expect_ok();
-    let b_ip: IpAddr = inv.json()["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut b = node.add_pod_with(conf.clone()).unwrap();
+    let (b_ip, ns) = (b.ip(), &b.ns);
     let view = node
         .ferrite(&["services", "--bpffs-root", root.to_str().unwrap()])
         .unwrap();
@@ -336,7 +325,7 @@ fn host_ports_written_by_add_and_removed_by_del() {
     assert_eq!(seen, a.ip().to_string(), "the pod sees the client");
     srv.join().unwrap().unwrap();
     // UDP, connected: the answer comes from the hostPort.
-    let su = serve_udp(&ns, b_ip, 5353, "b");
+    let su = serve_udp(ns, b_ip, 5353, "b");
     let u =
         a.ns.run(|| UdpSocket::bind(SocketAddr::new(a.ip(), 0)))
             .unwrap()
@@ -355,11 +344,7 @@ fn host_ports_written_by_add_and_removed_by_del() {
     su.join().unwrap();
 
     // DEL (the runtime sends the mappings again): gone.
-    let mut del = conf.clone();
-    del["prevResult"] = inv.json();
-    node.invoke("DEL", "hp-b", Some(&ns.path()), "eth0", &del, &[])
-        .unwrap()
-        .expect_ok();
+    b.del().unwrap().expect_ok();
     assert!(m.host_ports().unwrap().is_empty());
     let err =
         a.ns.run(|| {
@@ -371,16 +356,7 @@ fn host_ports_written_by_add_and_removed_by_del() {
     // Without the capability the mappings are portmap's: none written.
     let mut other = conf.clone();
     other.as_object_mut().unwrap().remove("capabilities");
-    let ns2 = crate::harness::Netns::new("p").unwrap();
-    let inv = node
-        .invoke("ADD", "hp-c", Some(&ns2.path()), "eth0", &other, &[])
-        .unwrap();
-    inv.expect_ok();
+    let c = node.add_pod_with(other).unwrap();
     assert!(m.host_ports().unwrap().is_empty());
-    let mut del = other.clone();
-    del["prevResult"] = inv.json();
-    node.invoke("DEL", "hp-c", Some(&ns2.path()), "eth0", &del, &[])
-        .unwrap()
-        .expect_ok();
-    drop(a);
+    drop::<[Pod; 2]>([a, c]);
 }
