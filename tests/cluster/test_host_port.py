@@ -40,8 +40,9 @@ CONFLICT_PORT = 54321
 ANY_PORT = 28080
 HTTP, UDP = 8080, 9000  # what every test pod serves (harness.pod_servers)
 READY_WITHIN = 90  # s
-GONE_WITHIN = 60  # s for the deleted pod to leave the API
-UNMAPPED_WITHIN = 10  # s after that for its lines to leave `ferrite services`
+# s from a pod's deletion to its CNI DEL's removal of its hostPorts (grace
+# period 1 s; the DEL comes when the kubelet has stopped the pod's sandbox)
+UNMAPPED_WITHIN = 60
 
 # One datagram per socket (each a new flow), 1 s for its answer, from a
 # socket connected to addr:port, so only an answer from there counts (the
@@ -189,6 +190,17 @@ def clients(answers: list[str]) -> str:
     return " ".join(sorted({a.split()[1] for a in answers if len(a.split()) > 1})) or "-"
 
 
+def api_state(cluster, ns: str, pod: Pod) -> str:
+    """Where the API has the pod: gone, or its phase and containers' states."""
+    items = cluster.get("pods", "--field-selector", f"metadata.name={pod.name}", namespace=ns)["items"]
+    if not items:
+        return "gone from the API"
+    st = items[0].get("status", {})
+    states = ", ".join(f"{c.get('name')} {next(iter(c.get('state') or {'unknown': 0}))}"
+                       for c in st.get("containerStatuses", []))
+    return f"still in the API ({st.get('phase')}; {states or 'no containers'})"
+
+
 def host_port_view(cluster, node) -> list[str]:
     """The HostPort lines of `ferrite services` on the node."""
     p = cluster.on(node, "/opt/cni/bin/ferrite", "services", timeout=30)
@@ -257,7 +269,10 @@ def test_services_view_lists_host_ports(cluster, hostports, node, figures):
 
 
 def test_host_port_gone_with_pod(cluster, hostports, figures):
-    """Last in the module: deletes hp-any."""
+    """Last in the module: deletes hp-any. What is ferrite's: its CNI DEL
+    removes the pod's hostPorts. When the pod then leaves the API is the
+    kubelet's (its status manager waits for the pod's containers, volumes
+    and cgroup to go, re-checking every 10 s): reported, not asserted."""
     node, pod = hostports.any_node, hostports.pods["any"]
     want = hostports.mappings["any"]
     before = host_port_view(cluster, node)
@@ -265,13 +280,6 @@ def test_host_port_gone_with_pod(cluster, hostports, figures):
 
     t0 = time.monotonic()
     cluster.kubectl("-n", hostports.namespace, "delete", "pod", pod.name, "--wait=false")
-    try:
-        wait_for(f"{pod.name} to leave the API", GONE_WITHIN, lambda: not cluster.get(
-            "pods", "--field-selector", f"metadata.name={pod.name}", namespace=hostports.namespace)["items"],
-            interval=0.5)
-    except Timeout as e:
-        raise AssertionError(f"{pod} still in the API {GONE_WITHIN} s after its deletion: {e}") from e
-    gone = harness.since(t0)
     left: list[str] = []
     try:
         wait_for(f"{pod.name}'s hostPorts to leave ferrite services on {node}", UNMAPPED_WITHIN,
@@ -279,8 +287,8 @@ def test_host_port_gone_with_pod(cluster, hostports, figures):
     except Timeout:
         left = [ln for ln in host_port_view(cluster, node) if ln in want]
     unmapped = harness.since(t0)
-    assert not left, (f"{pod.name} deleted ({gone:.1f} s to leave the API), {UNMAPPED_WITHIN} s later ferrite "
-                      f"services on {node} still lists {left}")
+    assert not left, (f"{pod.name} deleted {unmapped:.0f} s ago (grace period 1 s), ferrite services on {node} "
+                      f"still lists {left}; the pod as the API has it: {api_state(cluster, hostports.namespace, pod)}")
 
     url = f"http://{cluster.node_ip(node)}:{ANY_PORT}/cgi-bin/id"
     t1 = time.monotonic()
@@ -288,9 +296,10 @@ def test_host_port_gone_with_pod(cluster, hostports, figures):
     took = harness.since(t1)
     said = {7: "refused", 28: "timed out"}.get(p.returncode, f"curl exit {p.returncode}: {p.stdout.strip()[:200]}")
     udp = ask(cluster, "outside", "udp", cluster.node_ip(node), ANY_PORT, 1)
-    what = (f"{pod.name} deleted: gone from the API in {gone:.1f} s, its {len(want)} hostPorts from ferrite "
-            f"services on {node} {unmapped:.1f} s after the delete; then TCP {cluster.node_ip(node)}:{ANY_PORT} "
-            f"from the outside host {said} in {took:.1f} s, UDP {len(udp)}/1 answered")
+    what = (f"{pod.name} deleted: its {len(want)} hostPorts gone from ferrite services on {node} {unmapped:.1f} s "
+            f"after the delete (the pod then {api_state(cluster, hostports.namespace, pod)}); TCP "
+            f"{cluster.node_ip(node)}:{ANY_PORT} from the outside host {said} in {took:.1f} s, UDP {len(udp)}/1 "
+            f"answered")
     assert p.returncode in (7, 28), what
     assert not udp, f"{what}: {udp}"
     figures(what)
