@@ -50,6 +50,59 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+# Before every run the machine must be quiet again: the previous run's
+# teardown (the kernel destroys deleted pods' network namespaces in a
+# kworker after the pods have left the API, containerd removes snapshots)
+# otherwise holds RTNL and the CPUs while the next run's pods start (a run
+# of 2026-12-07 had 29 ADDs wait ~9.5 s for RTNL). Quiet: SETTLE_FOR
+# consecutive one-second windows with the CPUs at least SETTLE_IDLE idle,
+# no network namespace being destroyed and no CNI plugin running. The same
+# for every network; the wait is reported with each run.
+SETTLE_IDLE = 0.75
+SETTLE_FOR = 3
+SETTLE_WITHIN = 180  # s; the run starts anyway after that, and says so
+PLUGINS = {"ferrite", "loopback", "ptp", "bridge", "host-local", "portmap"}
+
+
+def busy_tasks() -> list:
+    """Names of the tasks that mean a teardown is still going: a kworker
+    destroying network namespaces ("kworker/...+netns"), a CNI plugin."""
+    out = []
+    for comm in Path("/proc").glob("[0-9]*/task/[0-9]*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:
+            continue
+        if name.endswith("+netns") or name in PLUGINS:
+            out.append(name)
+    return out
+
+
+def cpu_idle(seconds: float = 1.0) -> float:
+    """The fraction of the machine's CPU time idle over `seconds`."""
+    def sample():
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return f[3], sum(f)
+    i0, t0 = sample()
+    time.sleep(seconds)
+    i1, t1 = sample()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def settle() -> dict:
+    """Waits for a quiet machine (see SETTLE_IDLE); how long it took."""
+    t0, quiet, idle, busy = time.monotonic(), 0, 0.0, []
+    while quiet < SETTLE_FOR and time.monotonic() - t0 < SETTLE_WITHIN:
+        idle, busy = cpu_idle(), busy_tasks()
+        quiet = quiet + 1 if idle >= SETTLE_IDLE and not busy else 0
+    took = time.monotonic() - t0
+    settled = quiet >= SETTLE_FOR
+    log(f"    settled in {took:.1f} s (CPUs {100 * idle:.0f} % idle)" if settled else
+        f"    not quiet after {took:.0f} s (CPUs {100 * idle:.0f} % idle; busy: {', '.join(sorted(set(busy))) or '-'})"
+        "; the run starts anyway")
+    return {"settle_s": took, "settled": settled, "idle": idle}
+
+
 def conflist(name: str, main: dict, subnet: str) -> dict:
     """A kindnet-style conflist: `main` with host-local on the node's
     pod CIDR, then portmap."""
@@ -182,6 +235,7 @@ class Bench:
     def run(self, network: str, n: int) -> dict:
         c, ns = self.c, f"kb-{network}-{n}"
         c.namespace(ns)
+        quiet = settle()
         w = PodTimes(c, ns)
         try:
             t0 = time.monotonic()
@@ -203,7 +257,7 @@ class Bench:
         t1 = time.monotonic()
         c.kubectl("delete", "namespace", ns, "--wait=true", "--timeout=300s", timeout=330)
         log(f"    deleted in {time.monotonic() - t1:.1f} s")
-        return {"pods": pods, "all_ready_s": wall, "apply_s": applied, "missing": PODS - len(pods)}
+        return {"pods": pods, "all_ready_s": wall, "apply_s": applied, "missing": PODS - len(pods), **quiet}
 
     def install(self, binary: Path):
         """`binary` as the node's ferrite plugin, replaced in one rename."""
@@ -306,6 +360,9 @@ def write(r: dict, out: str, bench):
         if ref in nets and f:
             ratios.append(f"ferrite's CNI set-up P95 / {ref}'s: {f['cni_ms']['p95'] / nets[ref]['cni_ms']['p95']:.3f}; "
                           f"RunPodSandbox P95: {f['sandbox_ms']['p95'] / nets[ref]['sandbox_ms']['p95']:.3f}")
+    def wait(run: dict) -> str:
+        return f"{run.get('settle_s', 0):.1f}" + ("" if run.get("settled", True) else " (not quiet)")
+    waits = ", ".join(f"{k} {' / '.join(wait(run) for run in r['raw'].get(k, []))}" for k in nets)
     md = f"""# 100 pods at once through kubelet, {r['date']}
 
 {r['machine']}; a one-node cluster (scripts/cluster, Kubernetes v1.20.2, containerd {r.get('containerd', '?')}),
@@ -320,6 +377,7 @@ together (n = pods measured). RunPodSandbox and CNI set-up from containerd's log
 
 {inside}
 Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{v:.1f}' for v in s['all_ready_s'])}" for k, s in nets.items())}.
+Wait for a quiet machine before each run (s; see SETTLE_IDLE in scripts/bench_kubelet.py): {waits}.
 {per_run}
 
 ![CDF](kubelet-cdf.svg)
@@ -376,5 +434,10 @@ def kubelet_bench(a, machine: str, bench):
                 r["raw"][name] = [b.run(name, n) for n in range(1, runs + 1)]
             r["networks"][name] = summarize(r["raw"][name])
     finally:
+        # ferrite's own log of every ADD (its steps with --cni-log-level
+        # debug), for a look at the slow ones; not part of the report.
+        if "b" in locals() and b.plugin_log.exists():
+            os.makedirs(a.out, exist_ok=True)
+            shutil.copy2(b.plugin_log, os.path.join(a.out, "kubelet-cni.log"))
         subprocess.run([str(ROOT / "scripts/cluster"), "down"], check=False)
     write(r, a.out, bench)
