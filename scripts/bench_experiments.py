@@ -112,8 +112,7 @@ def experiments_bench(a, bench):
             if name == "xdp":
                 knob = knob(xdp_obj)
             p = bench.Plugin("ferrite", f"10.{150 + i}.0.0/16", work, builds[build], name)
-            if conf:
-                p.conf = json.dumps({**json.loads(p.conf), **conf}).encode()
+            p.set(**conf)
             bench.warm(p)
             ids = bench.pod_ids(2, "e")
             bench.netns_batch(ids, "add")

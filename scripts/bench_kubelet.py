@@ -61,7 +61,9 @@ def log(*a):
 SETTLE_IDLE = 0.75
 SETTLE_FOR = 3
 SETTLE_WITHIN = 180  # s; the run starts anyway after that, and says so
-PLUGINS = {"ferrite", "loopback", "ptp", "bridge", "host-local", "portmap"}
+# The reference plugins a node gets for the ptp and bridge networks.
+REF_PLUGINS = ("ptp", "bridge", "host-local", "portmap", "loopback")
+PLUGINS = {"ferrite", *REF_PLUGINS}
 
 
 def busy_tasks() -> list:
@@ -291,7 +293,7 @@ class Bench:
             c.kubectl("delete", "-f", str(c.deploy_dir), "--wait=true", "--timeout=120s", timeout=150)
             harness.wait_for("ferrite's agent gone", 120, lambda: not c.get(
                 "pods", "-l", "app.kubernetes.io/name=ferrite", namespace="kube-system")["items"])
-        for p in ("ptp", "bridge", "host-local", "portmap", "loopback"):
+        for p in REF_PLUGINS:
             if not (self.bin / p).exists():
                 shutil.copy2(REF / p, self.bin / p)
         for f in self.netd.glob("*.conflist"):
@@ -413,6 +415,7 @@ def kubelet_bench(a, machine: str, bench):
          "pods": PODS, "containerd": version[2] if len(version) > 2 else "?", "raw": {}, "networks": {}}
     log("bench: kubelet: a one-node cluster (scripts/cluster up --nodes 1)")
     subprocess.run([str(ROOT / "scripts/cluster"), "up", "--nodes", "1"], check=True)
+    b = None
     try:
         c = harness.Cluster.from_env()
         c.ensure_test_image()
@@ -436,7 +439,7 @@ def kubelet_bench(a, machine: str, bench):
     finally:
         # ferrite's own log of every ADD (its steps with --cni-log-level
         # debug), for a look at the slow ones; not part of the report.
-        if "b" in locals() and b.plugin_log.exists():
+        if b and b.plugin_log.exists():
             os.makedirs(a.out, exist_ok=True)
             shutil.copy2(b.plugin_log, os.path.join(a.out, "kubelet-cni.log"))
         subprocess.run([str(ROOT / "scripts/cluster"), "down"], check=False)
