@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import harness  # noqa: E402  (tests/cluster's)
 from bench_services import Api, pct  # noqa: E402
+from quiet import settle  # noqa: E402
 
 PODS = 100
 REF = Path("/usr/lib/cni")
@@ -50,59 +51,8 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-# Before every run the machine must be quiet again: the previous run's
-# teardown (the kernel destroys deleted pods' network namespaces in a
-# kworker after the pods have left the API, containerd removes snapshots)
-# otherwise holds RTNL and the CPUs while the next run's pods start (a run
-# of 2026-12-07 had 29 ADDs wait ~9.5 s for RTNL). Quiet: SETTLE_FOR
-# consecutive one-second windows with the CPUs at least SETTLE_IDLE idle,
-# no network namespace being destroyed and no CNI plugin running. The same
-# for every network; the wait is reported with each run.
-SETTLE_IDLE = 0.75
-SETTLE_FOR = 3
-SETTLE_WITHIN = 180  # s; the run starts anyway after that, and says so
 # The reference plugins a node gets for the ptp and bridge networks.
 REF_PLUGINS = ("ptp", "bridge", "host-local", "portmap", "loopback")
-PLUGINS = {"ferrite", *REF_PLUGINS}
-
-
-def busy_tasks() -> list:
-    """Names of the tasks that mean a teardown is still going: a kworker
-    destroying network namespaces ("kworker/...+netns"), a CNI plugin."""
-    out = []
-    for comm in Path("/proc").glob("[0-9]*/task/[0-9]*/comm"):
-        try:
-            name = comm.read_text().strip()
-        except OSError:
-            continue
-        if name.endswith("+netns") or name in PLUGINS:
-            out.append(name)
-    return out
-
-
-def cpu_idle(seconds: float = 1.0) -> float:
-    """The fraction of the machine's CPU time idle over `seconds`."""
-    def sample():
-        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        return f[3], sum(f)
-    i0, t0 = sample()
-    time.sleep(seconds)
-    i1, t1 = sample()
-    return (i1 - i0) / max(1, t1 - t0)
-
-
-def settle() -> dict:
-    """Waits for a quiet machine (see SETTLE_IDLE); how long it took."""
-    t0, quiet, idle, busy = time.monotonic(), 0, 0.0, []
-    while quiet < SETTLE_FOR and time.monotonic() - t0 < SETTLE_WITHIN:
-        idle, busy = cpu_idle(), busy_tasks()
-        quiet = quiet + 1 if idle >= SETTLE_IDLE and not busy else 0
-    took = time.monotonic() - t0
-    settled = quiet >= SETTLE_FOR
-    log(f"    settled in {took:.1f} s (CPUs {100 * idle:.0f} % idle)" if settled else
-        f"    not quiet after {took:.0f} s (CPUs {100 * idle:.0f} % idle; busy: {', '.join(sorted(set(busy))) or '-'})"
-        "; the run starts anyway")
-    return {"settle_s": took, "settled": settled, "idle": idle}
 
 
 def conflist(name: str, main: dict, subnet: str) -> dict:
@@ -379,7 +329,7 @@ together (n = pods measured). RunPodSandbox and CNI set-up from containerd's log
 
 {inside}
 Every run's last pod Ready after the apply (s): {', '.join(f"{k} {' / '.join(f'{v:.1f}' for v in s['all_ready_s'])}" for k, s in nets.items())}.
-Wait for a quiet machine before each run (s; see SETTLE_IDLE in scripts/bench_kubelet.py): {waits}.
+Wait for a quiet machine before each run (s; see scripts/quiet.py): {waits}.
 {per_run}
 
 ![CDF](kubelet-cdf.svg)
