@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Waiting for a quiet machine before a timed run (scripts/bench's 100
-ADDs in flight, scripts/bench --kubelet's runs of 100 pods).
+"""Waiting for a quiet machine before a timed run (scripts/bench's rows of
+ADDs, scripts/bench --kubelet's runs of 100 pods).
 
 The work before a run (deleted pods' network namespaces, which the kernel
 destroys in a kworker after the fact, holding RTNL; containerd removing
 snapshots; plugins still exiting) otherwise holds RTNL and the CPUs while
 the run's ADDs start: a kubelet run of 2026-12-07 had 29 ADDs wait about
-9.5 s for RTNL; ferrite's row of 100 ADDs in flight right after the
-bench's other sections (1,400 namespaces deleted) had a p50 of 357 ms,
-against 184, 312 and 245 ms in three runs that waited (2026-12-08). Quiet: SETTLE_FOR consecutive one-second windows with the
+9.5 s for RTNL. For scripts/bench's row of 100 ADDs in flight, which
+comes after sections that delete 3,400 namespaces, ferrite's p50 was 357
+and 316 ms in the full runs of 2026-12-08 without and with the wait, and
+349, 261, 265 ms (without) against 184, 312, 245 ms (with) in runs of
+that row alone: the wait makes the rows start alike, it was not seen to
+move them much. Quiet: SETTLE_FOR consecutive one-second windows with the
 CPUs at least SETTLE_IDLE idle, no network namespace being destroyed and
 no CNI plugin running. The same for every network; callers report the
 wait with each run.
