@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import harness  # noqa: E402  (tests/cluster's)
 from bench_services import Api, pct  # noqa: E402
-from quiet import settle  # noqa: E402
+from quiet import settle, waited  # noqa: E402
 
 PODS = 100
 REF = Path("/usr/lib/cni")
@@ -312,9 +312,7 @@ def write(r: dict, out: str, bench):
         if ref in nets and f:
             ratios.append(f"ferrite's CNI set-up P95 / {ref}'s: {f['cni_ms']['p95'] / nets[ref]['cni_ms']['p95']:.3f}; "
                           f"RunPodSandbox P95: {f['sandbox_ms']['p95'] / nets[ref]['sandbox_ms']['p95']:.3f}")
-    def wait(run: dict) -> str:
-        return f"{run.get('settle_s', 0):.1f}" + ("" if run.get("settled", True) else " (not quiet)")
-    waits = ", ".join(f"{k} {' / '.join(wait(run) for run in r['raw'].get(k, []))}" for k in nets)
+    waits = ", ".join(f"{k} {' / '.join(waited(run) for run in r['raw'].get(k, []))}" for k in nets)
     md = f"""# 100 pods at once through kubelet, {r['date']}
 
 {r['machine']}; a one-node cluster (scripts/cluster, Kubernetes v1.20.2, containerd {r.get('containerd', '?')}),

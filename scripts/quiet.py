@@ -64,3 +64,11 @@ def settle() -> dict:
           f"    not quiet after {took:.0f} s (CPUs {100 * idle:.0f} % idle; busy: "
           f"{', '.join(sorted(set(busy))) or '-'}); the run starts anyway", file=sys.stderr, flush=True)
     return {"settle_s": took, "settled": settled, "idle": idle}
+
+
+def waited(w: dict) -> str:
+    """A wait as settle() returned it, for a report: seconds, and whether
+    the machine got quiet ("-" for a run from before the wait)."""
+    if "settle_s" not in w:
+        return "-"
+    return f"{w['settle_s']:.1f}" + ("" if w["settled"] else " (not quiet)")
